@@ -1,0 +1,52 @@
+"""`create_app(settings)`: builds the database, the store and the routes into one ASGI app."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from koolbase_ota import __version__
+from koolbase_ota.bundles.router import router as bundles_router
+from koolbase_ota.config import Settings
+from koolbase_ota.db import Database, create_db_engine
+from koolbase_ota.deps import AppContext
+from koolbase_ota.errors import install_error_handlers
+from koolbase_ota.sdk.check import router as check_router
+from koolbase_ota.sdk.downloads import router as downloads_router
+from koolbase_ota.storage import open_store
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The app for `settings`; nothing is created at import time, so tests can build many."""
+    settings = settings.resolved()
+    db = Database(
+        create_db_engine(settings.database_url, timeout_seconds=settings.database_timeout_seconds)
+    )
+    store = open_store(
+        settings.storage_url, public_url=settings.public_url, secret_key=settings.secret_key
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        db.dispose()
+
+    app = FastAPI(
+        title="koolbase-ota",
+        version=__version__,
+        description="Self-hostable over-the-air update server for Flutter apps.",
+        lifespan=lifespan,
+    )
+    app.state.context = AppContext(settings=settings, db=db, store=store)
+    install_error_handlers(app)
+    app.include_router(bundles_router)
+    app.include_router(check_router)
+    app.include_router(downloads_router)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Entry point for server workers: each reads the same environment the CLI was given."""
+    return create_app(Settings())

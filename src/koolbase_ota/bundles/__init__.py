@@ -1,0 +1,1 @@
+"""Bundles: upload, list, activate, mandatory, delete, and zip validation."""

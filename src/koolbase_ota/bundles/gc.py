@@ -1,0 +1,75 @@
+"""`koolbase-ota gc`: remove stored files no bundle row refers to, report rows missing files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+
+import anyio.to_thread
+from sqlalchemy import delete, select
+
+from koolbase_ota.bundles.models import Bundle, PendingObject
+from koolbase_ota.db import Database, utcnow
+from koolbase_ota.storage import BundleStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GcReport:
+    removed: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+async def collect_garbage(
+    *, db: Database, store: BundleStore, grace: dt.timedelta = dt.timedelta(hours=1)
+) -> GcReport:
+    """Remove recorded and unreferenced files; list rows whose file is gone.
+
+    Files younger than `grace` are left alone: they may belong to an upload still in flight.
+    """
+    report = GcReport()
+    cutoff = utcnow() - grace
+
+    def snapshot() -> tuple[set[str], list[PendingObject]]:
+        with db.read() as session:
+            paths = set(session.scalars(select(Bundle.storage_path)))
+            pending = list(session.scalars(select(PendingObject)))
+        return paths, pending
+
+    referenced, pending = await anyio.to_thread.run_sync(snapshot)
+    candidates = {
+        record.storage_path
+        for record in pending
+        if record.reason == "delete" or record.created_at < cutoff
+    }
+    recent_pending = {record.storage_path for record in pending} - candidates
+    for stored in await store.list_keys("ota/"):
+        if stored.key not in referenced and stored.modified_at < cutoff:
+            candidates.add(stored.key)
+    candidates -= referenced | recent_pending
+
+    for path in sorted(candidates):
+        try:
+            await store.delete(path)
+        except Exception as exc:
+            logger.warning("could not remove %s: %s", path, exc)
+            report.failed.append(path)
+            continue
+        report.removed.append(path)
+
+    def forget(paths: list[str]) -> None:
+        with db.write() as session:
+            session.execute(delete(PendingObject).where(PendingObject.storage_path.in_(paths)))
+
+    done = [path for path in report.removed] + sorted(
+        record.storage_path for record in pending if record.storage_path in referenced
+    )
+    if done:
+        await anyio.to_thread.run_sync(forget, done)
+    for path in sorted(referenced):
+        if not await store.exists(path):
+            report.missing.append(path)
+    return report

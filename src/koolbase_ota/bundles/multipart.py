@@ -1,0 +1,212 @@
+"""Streaming parser for the upload form: the bundle goes to a temporary file as it arrives.
+
+The size limit is enforced while reading, and SHA-256 and size are computed in the same pass,
+so a 50 MiB upload never costs 50 MiB of memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from koolbase_ota.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+
+BUNDLE_FIELD = "bundle"
+MAX_FIELD_BYTES = 64 * 1024
+MAX_PARTS = 32
+#: What the form may add to the bundle's bytes: boundaries, part headers, small fields.
+FORM_OVERHEAD_BYTES = MAX_PARTS * 1024 + 4 * MAX_FIELD_BYTES
+
+
+@dataclass
+class StagedUpload:
+    """The parsed form: the bundle in a temporary file, and the text fields."""
+
+    fields: dict[str, str] = field(default_factory=dict)
+    bundle_path: Path | None = None
+    bundle_size: int = 0
+    sha256: str = ""
+
+    def discard(self) -> None:
+        if self.bundle_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.bundle_path.unlink()
+            self.bundle_path = None
+
+
+class _FormReader:
+    """Callbacks for python-multipart's parser, one part at a time."""
+
+    def __init__(self, *, max_bundle_bytes: int, tmp_dir: Path, staged: StagedUpload) -> None:
+        self.max_bundle_bytes = max_bundle_bytes
+        self.tmp_dir = tmp_dir
+        self.staged = staged
+        self.parts = 0
+        self.finished = False
+        self._header_field = bytearray()
+        self._header_value = bytearray()
+        self._headers: dict[str, bytes] = {}
+        self._name: str | None = None
+        self._value = bytearray()
+        self._file: IO[bytes] | None = None
+        self._hash = hashlib.sha256()
+
+    def callbacks(self) -> dict[str, object]:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+            "on_end": self.on_end,
+        }
+
+    def on_part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise InvalidInput("too many form fields", code="too_many_fields")
+        self._headers = {}
+        self._name = None
+        self._value = bytearray()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self._headers[self._header_field.decode("latin-1").lower()] = bytes(self._header_value)
+        self._header_field = bytearray()
+        self._header_value = bytearray()
+
+    def on_headers_finished(self) -> None:
+        disposition, options = parse_options_header(self._headers.get("content-disposition", b""))
+        if disposition != b"form-data" or b"name" not in options:
+            raise InvalidInput("form part without a field name", code="invalid_multipart")
+        name = _decode(options[b"name"], "form field name")
+        if name in self.staged.fields or (name == BUNDLE_FIELD and self._file is not None):
+            raise InvalidInput(f"form field {name!r} given twice", code="duplicate_field")
+        if name == BUNDLE_FIELD:
+            if self.staged.bundle_path is not None:
+                raise InvalidInput("form field 'bundle' given twice", code="duplicate_field")
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            fd, path = tempfile.mkstemp(dir=self.tmp_dir, prefix="upload-", suffix=".zip")
+            self.staged.bundle_path = Path(path)
+            self._file = os.fdopen(fd, "wb")
+        self._name = name
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        chunk = data[start:end]
+        if self._file is not None:
+            self.staged.bundle_size += len(chunk)
+            if self.staged.bundle_size > self.max_bundle_bytes:
+                raise _too_large(self.max_bundle_bytes)
+            self._hash.update(chunk)
+            self._file.write(chunk)
+            return
+        self._value += chunk
+        if len(self._value) > MAX_FIELD_BYTES:
+            raise InvalidInput(f"form field {self._name!r} is too long", code="field_too_long")
+
+    def on_part_end(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            self.staged.sha256 = self._hash.hexdigest()
+        elif self._name is not None:
+            self.staged.fields[self._name] = _decode(
+                bytes(self._value), f"form field {self._name!r}"
+            )
+
+    def on_end(self) -> None:
+        self.finished = True
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _decode(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{what} is not valid UTF-8", code="invalid_encoding") from exc
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"bundle is larger than the limit of {limit} bytes", code="bundle_too_large"
+    )
+
+
+def check_declared_length(content_length: str | None, *, max_bundle_bytes: int) -> None:
+    """Refuse at once, before reading, a body that says it is over the limit."""
+    if content_length is None:
+        return
+    try:
+        declared = int(content_length)
+    except ValueError as exc:
+        raise InvalidInput("invalid Content-Length", code="invalid_content_length") from exc
+    if declared > max_bundle_bytes + FORM_OVERHEAD_BYTES:
+        raise _too_large(max_bundle_bytes)
+
+
+def boundary_of(content_type: str | None) -> bytes:
+    if not content_type:
+        raise UnsupportedMediaType(
+            "the upload must be multipart/form-data", code="unsupported_media_type"
+        )
+    kind, options = parse_options_header(content_type)
+    if kind != b"multipart/form-data":
+        raise UnsupportedMediaType(
+            "the upload must be multipart/form-data", code="unsupported_media_type"
+        )
+    boundary = options.get(b"boundary", b"")
+    if not boundary or len(boundary) > 200:
+        raise InvalidInput("multipart body without a valid boundary", code="invalid_multipart")
+    return boundary
+
+
+async def read_upload_form(
+    chunks: AsyncIterator[bytes],
+    *,
+    content_type: str | None,
+    max_bundle_bytes: int,
+    tmp_dir: Path,
+) -> StagedUpload:
+    """Parse the multipart body; the caller must `discard()` the result when done with it."""
+    boundary = boundary_of(content_type)
+    staged = StagedUpload()
+    reader = _FormReader(max_bundle_bytes=max_bundle_bytes, tmp_dir=tmp_dir, staged=staged)
+    parser = MultipartParser(boundary, reader.callbacks())  # type: ignore[arg-type]
+    try:
+        async for chunk in chunks:
+            if chunk:
+                parser.write(chunk)
+        parser.finalize()
+        if not reader.finished:
+            raise InvalidInput("the multipart body ended early", code="invalid_multipart")
+    except MultipartParseError as exc:
+        reader.close()
+        staged.discard()
+        raise InvalidInput(f"malformed multipart body: {exc}", code="invalid_multipart") from exc
+    except BaseException:
+        reader.close()
+        staged.discard()
+        raise
+    return staged

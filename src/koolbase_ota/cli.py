@@ -1,0 +1,314 @@
+"""The `koolbase-ota` command: serve, project, token, key, db, gc."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from koolbase_ota import __version__
+from koolbase_ota.bundles.schemas import rfc3339
+from koolbase_ota.config import Settings
+from koolbase_ota.db import Database, create_db_engine, migration_lock, upgrade_schema
+from koolbase_ota.errors import OTAError
+from koolbase_ota.projects import service as projects
+from koolbase_ota.projects.service import CreatedProject
+from koolbase_ota.storage import open_store
+
+logger = logging.getLogger("koolbase_ota")
+CREDENTIALS_FILE = "credentials.json"
+
+
+class CliError(Exception):
+    """A failure to report on one line, without a traceback."""
+
+
+def _settings() -> Settings:
+    try:
+        return Settings().resolved()
+    except Exception as exc:  # pydantic's ValidationError names the bad variable
+        raise CliError(f"invalid configuration: {exc}") from exc
+
+
+def _database(settings: Settings, *, migrate: bool = True) -> Database:
+    engine = create_db_engine(
+        settings.database_url, timeout_seconds=settings.database_timeout_seconds
+    )
+    if migrate:
+        upgrade_schema(engine, lock_dir=settings.data_dir)
+    return Database(engine)
+
+
+def _uuid(raw: str, what: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise CliError(f"{what} must be a UUID, got {raw!r}") from None
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def _created_json(created: CreatedProject) -> dict[str, Any]:
+    return {
+        "project_id": str(created.project.id),
+        "name": created.project.name,
+        "dashboard_token": created.dashboard_token,
+        "public_keys": created.public_keys,
+    }
+
+
+def write_private_json(path: Path, data: Any) -> None:
+    """Write a file only its owner can read; it is created with those rights, never widened."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2)
+        handle.write("\n")
+
+
+def ensure_default_project(settings: Settings, db: Database) -> Path | None:
+    """On a server with no project at all, create `default` and write its credentials."""
+    with migration_lock(db.engine, settings.data_dir):
+        if projects.has_any_project(db):
+            return None
+        path = settings.data_dir / CREDENTIALS_FILE
+        created = projects.create_project(db, name="default")
+        if path.exists():
+            path.unlink()
+        write_private_json(path, _created_json(created))
+        return path
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    settings = _settings()
+    db = _database(settings)
+    credentials = ensure_default_project(settings, db)
+    if credentials is not None:
+        logger.info("created project 'default'; its credentials are in %s", credentials)
+    db.dispose()
+    logger.info("serving on http://%s:%s (data in %s)", args.host, args.port, settings.data_dir)
+    uvicorn.run(
+        "koolbase_ota.app:create_app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        proxy_headers=False,
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+def cmd_project_create(args: argparse.Namespace) -> None:
+    created = projects.create_project(_database(_settings()), name=args.name)
+    if args.json:
+        _print_json(_created_json(created))
+        return
+    print(f"project:         {created.project.id} ({created.project.name})")
+    print(f"dashboard token: {created.dashboard_token}   (shown only now)")
+    for environment, key in created.public_keys.items():
+        print(f"{environment + ' key:':17}{key}")
+
+
+def cmd_project_list(args: argparse.Namespace) -> None:
+    found = projects.list_projects(_database(_settings()))
+    rows = [
+        {"project_id": str(p.id), "name": p.name, "created_at": rfc3339(p.created_at)}
+        for p in found
+    ]
+    if args.json:
+        _print_json(rows)
+        return
+    for row in rows:
+        print(f"{row['project_id']}  {row['name']}  {row['created_at']}")
+
+
+def cmd_token_create(args: argparse.Namespace) -> None:
+    row, token = projects.create_token(
+        _database(_settings()),
+        project_id=_uuid(args.project, "--project"),
+        expires_in_days=args.expires_in,
+    )
+    data = {
+        "token_id": str(row.id),
+        "project_id": str(row.project_id),
+        "dashboard_token": token,
+        "expires_at": rfc3339(row.expires_at) if row.expires_at else None,
+    }
+    if args.json:
+        _print_json(data)
+        return
+    print(f"token id:        {data['token_id']}")
+    print(f"dashboard token: {token}   (shown only now)")
+    print(f"expires:         {data['expires_at'] or 'never'}")
+
+
+def _token_json(row: projects.DashboardToken) -> dict[str, Any]:
+    now = dt.datetime.now(dt.UTC)
+    state = "active"
+    if row.revoked_at is not None:
+        state = "revoked"
+    elif row.expires_at is not None and row.expires_at <= now:
+        state = "expired"
+    return {
+        "token_id": str(row.id),
+        "prefix": row.token_prefix + "...",
+        "created_at": rfc3339(row.created_at),
+        "expires_at": rfc3339(row.expires_at) if row.expires_at else None,
+        "revoked_at": rfc3339(row.revoked_at) if row.revoked_at else None,
+        "state": state,
+    }
+
+
+def cmd_token_list(args: argparse.Namespace) -> None:
+    db = _database(_settings())
+    project_id = _uuid(args.project, "--project")
+    projects.get_project(db, project_id=project_id)
+    rows = [_token_json(row) for row in projects.list_tokens(db, project_id=project_id)]
+    if args.json:
+        _print_json(rows)
+        return
+    for row in rows:
+        print(f"{row['token_id']}  {row['prefix']}  {row['state']}  created {row['created_at']}")
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> None:
+    row = projects.revoke_token(_database(_settings()), token_id=_uuid(args.token_id, "TOKEN_ID"))
+    print(f"revoked token {row.id}")
+
+
+def cmd_key_rotate(args: argparse.Namespace) -> None:
+    key = projects.rotate_key(
+        _database(_settings()),
+        project_id=_uuid(args.project, "--project"),
+        environment=args.environment,
+    )
+    if args.json:
+        _print_json({"environment": args.environment, "public_key": key})
+        return
+    print(f"new {args.environment} key: {key}   (the old key no longer works)")
+
+
+def cmd_db_upgrade(_args: argparse.Namespace) -> None:
+    _database(_settings())
+    print("database is up to date")
+
+
+def cmd_gc(args: argparse.Namespace) -> None:
+    from koolbase_ota.bundles.gc import collect_garbage
+
+    settings = _settings()
+    db = _database(settings)
+    store = open_store(
+        settings.storage_url, public_url=settings.public_url, secret_key=settings.secret_key
+    )
+    report = asyncio.run(
+        collect_garbage(db=db, store=store, grace=dt.timedelta(seconds=args.grace_seconds))
+    )
+    if args.json:
+        _print_json({"removed": report.removed, "missing": report.missing, "failed": report.failed})
+    else:
+        for path in report.removed:
+            print(f"removed  {path}")
+        for path in report.failed:
+            print(f"FAILED   {path} (still there; run gc again)")
+        for path in report.missing:
+            print(f"MISSING  {path} (a bundle row whose file is gone)")
+        print(
+            f"{len(report.removed)} removed, {len(report.failed)} failed, "
+            f"{len(report.missing)} missing"
+        )
+    if report.failed or report.missing:
+        raise SystemExit(1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="koolbase-ota",
+        description="Self-hostable OTA update server for Flutter apps. Configured through "
+        "KOOLBASE_OTA_* environment variables (see the README).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        group: Any, name: str, handler: Callable[[argparse.Namespace], None], help_: str
+    ) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = group.add_parser(name, help=help_, description=help_)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    serve = command(commands, "serve", cmd_serve, "migrate the database if needed, then serve")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
+
+    project = commands.add_parser("project", help="create and list projects").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    create = command(project, "create", cmd_project_create, "create a project")
+    create.add_argument("name")
+    create.add_argument("--json", action="store_true", help="print one JSON object")
+    listing = command(project, "list", cmd_project_list, "list projects")
+    listing.add_argument("--json", action="store_true")
+
+    token = commands.add_parser("token", help="dashboard tokens").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    token_create = command(token, "create", cmd_token_create, "create a dashboard token")
+    token_create.add_argument("--project", required=True, metavar="ID")
+    token_create.add_argument("--expires-in", type=int, metavar="DAYS")
+    token_create.add_argument("--json", action="store_true")
+    token_list = command(token, "list", cmd_token_list, "list a project's dashboard tokens")
+    token_list.add_argument("--project", required=True, metavar="ID")
+    token_list.add_argument("--json", action="store_true")
+    token_revoke = command(token, "revoke", cmd_token_revoke, "revoke a token at once")
+    token_revoke.add_argument("token_id", metavar="TOKEN_ID")
+
+    key = commands.add_parser("key", help="environment public keys").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    rotate = command(key, "rotate", cmd_key_rotate, "replace a public key; the old one stops")
+    rotate.add_argument("--project", required=True, metavar="ID")
+    rotate.add_argument("--environment", required=True, choices=projects.ENVIRONMENTS)
+    rotate.add_argument("--json", action="store_true")
+
+    db = commands.add_parser("db", help="database schema").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    command(db, "upgrade", cmd_db_upgrade, "apply every pending migration")
+
+    gc = command(commands, "gc", cmd_gc, "remove orphaned bundle files, report missing ones")
+    gc.add_argument(
+        "--grace-seconds",
+        type=int,
+        default=3600,
+        help="leave unreferenced files younger than this alone (default 3600)",
+    )
+    gc.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except (CliError, OTAError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Settings read from the environment once at start-up and passed down, never a global."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SECRET_KEY_FILE = "secret_key"
+CHANNELS = ("production", "staging", "development")
+
+
+class Settings(BaseSettings):
+    """Every option of the server; each is also the environment variable `KOOLBASE_OTA_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="KOOLBASE_OTA_", extra="ignore")
+
+    data_dir: Path = Path("./data")
+    database_url: str = ""
+    storage_url: str = ""
+    public_url: str = "http://127.0.0.1:8080"
+    url_ttl_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    secret_key: str = Field(default="", repr=False)
+    max_bundle_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
+    # How long a backend may take before the request fails instead of waiting forever.
+    database_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    @field_validator("public_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @field_validator("secret_key")
+    @classmethod
+    def _strong_secret(cls, value: str) -> str:
+        if value and len(value) < 32:
+            raise ValueError("KOOLBASE_OTA_SECRET_KEY must be at least 32 characters")
+        return value
+
+    def resolved(self) -> Settings:
+        """Fill the defaults that depend on the data dir; creates the dir and the secret key."""
+        data_dir = self.data_dir.expanduser().resolve()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        database_url = self.database_url or f"sqlite:///{data_dir / 'koolbase-ota.db'}"
+        storage_url = self.storage_url or (data_dir / "bundles").as_uri()
+        secret_key = self.secret_key or load_or_create_secret_key(data_dir)
+        return self.model_copy(
+            update={
+                "data_dir": data_dir,
+                "database_url": database_url,
+                "storage_url": storage_url,
+                "secret_key": secret_key,
+            }
+        )
+
+
+def load_or_create_secret_key(data_dir: Path) -> str:
+    """Return the key kept in the data dir, creating it (owner-only) on first run."""
+    path = data_dir / SECRET_KEY_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    key = secrets.token_urlsafe(48)
+    # O_EXCL: when several processes start at once only one key is ever written; the rest read it.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _read_when_written(path)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key)
+    return key
+
+
+def _read_when_written(path: Path) -> str:
+    for _ in range(100):
+        key = path.read_text().strip()
+        if key:
+            return key
+        time.sleep(0.01)
+    raise RuntimeError(f"{path} is empty; remove it or set KOOLBASE_OTA_SECRET_KEY")

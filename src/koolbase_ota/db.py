@@ -1,0 +1,179 @@
+"""Database engine and sessions, the metadata naming convention, and the column types we share."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import DateTime, Engine, MetaData, create_engine, event, text
+from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Stores UTC without a zone (SQLite has none) and always hands back aware UTC datetimes."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(dt.UTC).replace(tzinfo=None)
+
+    def process_result_value(
+        self, value: dt.datetime | None, dialect: Dialect
+    ) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC)
+
+
+def normalise_url(url: str) -> str:
+    """Accept the plain URL a provider hands out and pick our driver for it."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def create_db_engine(url: str, *, timeout_seconds: float = 10.0) -> Engine:
+    """Build the engine; SQLite gets WAL, a busy timeout and write transactions that lock up front."""
+    url = normalise_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            connect_args={"timeout": timeout_seconds, "check_same_thread": False},
+            pool_size=20,
+            max_overflow=20,
+        )
+        _configure_sqlite(engine)
+        return engine
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=20,
+        pool_timeout=timeout_seconds,
+        connect_args={
+            "connect_timeout": max(1, int(timeout_seconds)),
+            # A statement that hangs fails after the timeout rather than holding a request forever.
+            "options": f"-c statement_timeout={int(timeout_seconds * 1000)}",
+        },
+    )
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        # Write transactions BEGIN IMMEDIATE: they take the write lock up front, so two writers
+        # queue on the busy timeout instead of one failing with "database is locked" when it
+        # upgrades a read lock. Reads stay deferred and run beside a writer under WAL.
+        mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+class Database:
+    """The engine plus the two kinds of transaction services open: read and write."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._read = sessionmaker(engine, expire_on_commit=False)
+        self._write = sessionmaker(
+            engine.execution_options(sqlite_begin="IMMEDIATE"), expire_on_commit=False
+        )
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        """A transaction that only reads; rolled back at the end."""
+        with self._read() as session:
+            yield session  # closing the session rolls the read transaction back
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Session]:
+        """A transaction committed when the block ends without an exception."""
+        with self._write() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+@contextlib.contextmanager
+def migration_lock(engine: Engine, lock_dir: Path) -> Iterator[None]:
+    """Serialise schema migrations and first-run set-up across processes starting at once."""
+    if is_sqlite(engine):
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with open(lock_dir / ".migrate.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    with engine.connect() as connection:
+        # Any constant works; it only has to be the same in every process of this server.
+        connection.execute(text("SELECT pg_advisory_lock(7405331)"))
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(7405331)"))
+            connection.commit()
+
+
+def alembic_config(connection: Any = None) -> Any:
+    """Alembic's config for the migrations shipped inside the package."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", "koolbase_ota:migrations")
+    config.attributes["connection"] = connection
+    return config
+
+
+def upgrade_schema(engine: Engine, *, lock_dir: Path) -> None:
+    """Bring the schema to the newest migration; safe when several processes start at once."""
+    from alembic import command
+
+    with migration_lock(engine, lock_dir), engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "head")

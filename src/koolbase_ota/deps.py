@@ -1,0 +1,71 @@
+"""What routes share: the app's context and the dashboard-token dependency."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+
+from koolbase_ota.config import Settings
+from koolbase_ota.db import Database
+from koolbase_ota.errors import NotFound, Unauthorized
+from koolbase_ota.projects import service as projects
+from koolbase_ota.storage import BundleStore
+
+
+@dataclass
+class AppContext:
+    """Everything a request may need, built once by `create_app`."""
+
+    settings: Settings
+    db: Database
+    store: BundleStore
+
+
+def get_context(request: Request) -> AppContext:
+    context: AppContext = request.app.state.context
+    return context
+
+
+ContextDep = Annotated[AppContext, Depends(get_context)]
+
+_bearer = HTTPBearer(auto_error=False, description="A dashboard token: `kbota_...`")
+
+
+async def authorised_project(
+    project_id: str,
+    context: ContextDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> uuid.UUID:
+    """The path's project, once the bearer token is shown to belong to it.
+
+    A token of another project gets the same 404 as a project that does not exist, so a token
+    never learns which other projects exist.
+    """
+    if credentials is None:
+        raise Unauthorized("missing dashboard token", code="missing_token")
+    token_project = await run_in_threadpool(
+        projects.authenticate_token, context.db, token=credentials.credentials
+    )
+    try:
+        wanted = uuid.UUID(project_id)
+    except ValueError:
+        wanted = None
+    if wanted != token_project:
+        raise NotFound("project not found", code="project_not_found")
+    return token_project
+
+
+ProjectDep = Annotated[uuid.UUID, Depends(authorised_project)]
+
+
+def parse_id(raw: str, *, what: str) -> uuid.UUID:
+    """A path id; one that is not a UUID cannot exist, so it is a 404 like any unknown id."""
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise NotFound(f"{what} not found", code=f"{what}_not_found") from None

@@ -1,0 +1,1 @@
+"""Projects, their environments and public keys, and dashboard tokens."""

@@ -1,0 +1,198 @@
+"""Projects, environments with their public keys, and dashboard tokens."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+
+from koolbase_ota.config import CHANNELS
+from koolbase_ota.db import Database, utcnow
+from koolbase_ota.errors import InvalidInput, NotFound, Unauthorized
+from koolbase_ota.projects.models import Channel, DashboardToken, Environment, Project
+
+#: Recognisable by secret scanners, like PyPI's `pypi-` tokens.
+TOKEN_PREFIX = "kbota_"
+ENVIRONMENTS = ("production", "staging", "development")
+_MAX_NAME = 200
+
+
+@dataclass(frozen=True)
+class CreatedProject:
+    project: Project
+    dashboard_token: str
+    token_id: uuid.UUID
+    public_keys: dict[str, str]
+
+
+def hash_secret(secret: str) -> str:
+    """SHA-256 hex of a token or key: what the database keeps instead of the secret."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_public_key(environment: str) -> str:
+    kind = "live" if environment == "production" else "test"
+    return f"pk_{kind}_{secrets.token_hex(12)}"
+
+
+def new_dashboard_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def create_project(db: Database, *, name: str) -> CreatedProject:
+    """Create a project with its three environments, seed channels and one dashboard token."""
+    name = name.strip()
+    if not name or len(name) > _MAX_NAME:
+        raise InvalidInput(f"project name must be 1 to {_MAX_NAME} characters", code="invalid_name")
+    keys = {environment: new_public_key(environment) for environment in ENVIRONMENTS}
+    token = new_dashboard_token()
+    with db.write() as session:
+        project = Project(id=uuid.uuid4(), name=name, created_at=utcnow())
+        session.add(project)
+        session.flush()
+        for environment, key in keys.items():
+            session.add(
+                Environment(
+                    project_id=project.id,
+                    name=environment,
+                    public_key_hash=hash_secret(key),
+                    public_key_prefix=key[:12],
+                )
+            )
+        for channel in CHANNELS:
+            session.add(Channel(project_id=project.id, name=channel, last_version=0))
+        token_row = _add_token(session, project_id=project.id, token=token, expires_at=None)
+    return CreatedProject(
+        project=project, dashboard_token=token, token_id=token_row.id, public_keys=keys
+    )
+
+
+def list_projects(db: Database) -> list[Project]:
+    with db.read() as session:
+        return list(session.scalars(select(Project).order_by(Project.created_at, Project.id)))
+
+
+def get_project(db: Database, *, project_id: uuid.UUID) -> Project:
+    with db.read() as session:
+        project = session.get(Project, project_id)
+    if project is None:
+        raise NotFound("project not found", code="project_not_found")
+    return project
+
+
+def list_environments(db: Database, *, project_id: uuid.UUID) -> list[Environment]:
+    with db.read() as session:
+        query = select(Environment).where(Environment.project_id == project_id)
+        return list(session.scalars(query.order_by(Environment.name)))
+
+
+def _add_token(
+    session: object, *, project_id: uuid.UUID, token: str, expires_at: dt.datetime | None
+) -> DashboardToken:
+    from sqlalchemy.orm import Session
+
+    assert isinstance(session, Session)
+    row = DashboardToken(
+        id=uuid.uuid4(),
+        project_id=project_id,
+        token_hash=hash_secret(token),
+        token_prefix=token[: len(TOKEN_PREFIX) + 6],
+        created_at=utcnow(),
+        expires_at=expires_at,
+    )
+    session.add(row)
+    return row
+
+
+def create_token(
+    db: Database, *, project_id: uuid.UUID, expires_in_days: int | None = None
+) -> tuple[DashboardToken, str]:
+    """Create a dashboard token for the project; the plaintext is returned only here."""
+    if expires_in_days is not None and expires_in_days < 1:
+        raise InvalidInput("expires-in must be at least 1 day", code="invalid_expiry")
+    expires_at = utcnow() + dt.timedelta(days=expires_in_days) if expires_in_days else None
+    token = new_dashboard_token()
+    with db.write() as session:
+        if session.get(Project, project_id) is None:
+            raise NotFound("project not found", code="project_not_found")
+        row = _add_token(session, project_id=project_id, token=token, expires_at=expires_at)
+    return row, token
+
+
+def list_tokens(db: Database, *, project_id: uuid.UUID) -> list[DashboardToken]:
+    with db.read() as session:
+        query = select(DashboardToken).where(DashboardToken.project_id == project_id)
+        return list(session.scalars(query.order_by(DashboardToken.created_at)))
+
+
+def revoke_token(db: Database, *, token_id: uuid.UUID) -> DashboardToken:
+    """Revoke a token; it stops working at once. Revoking twice keeps the first time."""
+    with db.write() as session:
+        row = session.get(DashboardToken, token_id)
+        if row is None:
+            raise NotFound("token not found", code="token_not_found")
+        if row.revoked_at is None:
+            row.revoked_at = utcnow()
+    return row
+
+
+def rotate_key(db: Database, *, project_id: uuid.UUID, environment: str) -> str:
+    """Give the environment a new public key; the old one stops working at once."""
+    key = new_public_key(environment)
+    with db.write() as session:
+        result = session.execute(
+            update(Environment)
+            .where(Environment.project_id == project_id, Environment.name == environment)
+            .values(
+                public_key_hash=hash_secret(key),
+                public_key_prefix=key[:12],
+                key_rotated_at=utcnow(),
+            )
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            raise NotFound("project or environment not found", code="environment_not_found")
+    return key
+
+
+def authenticate_token(db: Database, *, token: str) -> uuid.UUID:
+    """Return the project a live dashboard token belongs to, or raise Unauthorized."""
+    if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+        raise Unauthorized("invalid dashboard token", code="invalid_token")
+    digest = hash_secret(token)
+    with db.read() as session:
+        row = session.scalar(select(DashboardToken).where(DashboardToken.token_hash == digest))
+    # The lookup is by hash, so timing says nothing about the token; compare again in constant
+    # time all the same so that no code path ever compares a secret with `==`.
+    if row is None or not hmac.compare_digest(row.token_hash, digest):
+        raise Unauthorized("invalid dashboard token", code="invalid_token")
+    if row.revoked_at is not None:
+        raise Unauthorized("dashboard token revoked", code="token_revoked")
+    if row.expires_at is not None and row.expires_at <= utcnow():
+        raise Unauthorized("dashboard token expired", code="token_expired")
+    return row.project_id
+
+
+def project_for_public_key(db: Database, *, public_key: str) -> uuid.UUID | None:
+    """The project whose environment has this public key, or None."""
+    if len(public_key) > 100:
+        return None
+    digest = hash_secret(public_key)
+    with db.read() as session:
+        row = session.execute(
+            select(Environment.project_id, Environment.public_key_hash).where(
+                Environment.public_key_hash == digest
+            )
+        ).first()
+    if row is None or not hmac.compare_digest(row.public_key_hash, digest):
+        return None
+    return row.project_id
+
+
+def has_any_project(db: Database) -> bool:
+    with db.read() as session:
+        return session.scalar(select(Project.id).limit(1)) is not None

@@ -1,0 +1,1 @@
+"""What devices call: the update check (the hot path) and bundle downloads."""

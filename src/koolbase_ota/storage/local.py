@@ -1,0 +1,108 @@
+"""Bundles as files on local disk, downloaded through signed URLs served by this server."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import anyio.to_thread
+
+from koolbase_ota.errors import StorageUnavailable
+from koolbase_ota.storage import ObjectExists, ObjectNotFound, StoredObject
+from koolbase_ota.storage.signing import signed_path
+
+
+class LocalStore:
+    serves_downloads = True
+
+    def __init__(self, root: Path, *, public_url: str, secret_key: str) -> None:
+        self.root = root.resolve()
+        self.public_url = public_url.rstrip("/")
+        self.secret_key = secret_key
+
+    def path_for(self, key: str) -> Path:
+        """The file for `key`; keys are our own `ota/...` paths, never user input."""
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root) or path == self.root:
+            raise ObjectNotFound("object not found")
+        return path
+
+    async def put_file(self, key: str, source: Path) -> None:
+        await anyio.to_thread.run_sync(self._put_file, key, source)
+
+    def _put_file(self, key: str, source: Path) -> None:
+        target = self.path_for(key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                # A hard link is atomic and fails if the target exists: create-only for free.
+                os.link(source, target)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                self._copy_then_link(source, target)
+            _fsync_dir(target.parent)
+        except FileExistsError as exc:
+            raise ObjectExists(f"an object is already stored at {key}") from exc
+        except OSError as exc:
+            raise StorageUnavailable(f"could not store the bundle: {exc.strerror}") from exc
+
+    @staticmethod
+    def _copy_then_link(source: Path, target: Path) -> None:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
+        try:
+            with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+                shutil.copyfileobj(src, out, 1024 * 1024)
+                out.flush()
+                os.fsync(out.fileno())
+            os.link(tmp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    async def delete(self, key: str) -> None:
+        try:
+            self.path_for(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageUnavailable(f"could not delete the bundle: {exc.strerror}") from exc
+
+    async def exists(self, key: str) -> bool:
+        return self.path_for(key).is_file()
+
+    async def list_keys(self, prefix: str) -> list[StoredObject]:
+        return await anyio.to_thread.run_sync(self._list_keys, prefix)
+
+    def _list_keys(self, prefix: str) -> list[StoredObject]:
+        found = []
+        for path in self.root.rglob("*"):
+            if not path.is_file() or path.name.startswith(".incoming-"):
+                continue
+            key = path.relative_to(self.root).as_posix()
+            if key.startswith(prefix):
+                modified = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
+                found.append(StoredObject(key=key, modified_at=modified))
+        return found
+
+    def download_url(self, key: str, *, ttl_seconds: int) -> str:
+        return self.public_url + signed_path(self.secret_key, key, ttl_seconds=ttl_seconds)
+
+    async def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.root, os.W_OK):
+                raise StorageUnavailable(f"bundle directory {self.root} is not writable")
+        except OSError as exc:
+            raise StorageUnavailable(f"bundle directory unusable: {exc.strerror}") from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

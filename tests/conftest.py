@@ -1,0 +1,183 @@
+"""Shared fixtures: a real server on a real socket, real projects, real zips."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+import uuid
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from koolbase_ota.app import create_app
+from koolbase_ota.config import Settings
+from koolbase_ota.db import Database, create_db_engine, upgrade_schema
+from koolbase_ota.projects import service as projects
+
+
+@dataclass
+class RunningServer:
+    """A koolbase-ota app served by uvicorn on 127.0.0.1 in a thread of the test process."""
+
+    base_url: str
+    settings: Settings
+    db: Database
+    _server: uvicorn.Server
+    _thread: threading.Thread
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        self.db.dispose()
+
+
+@dataclass
+class Project:
+    id: uuid.UUID
+    token: str
+    token_id: uuid.UUID
+    keys: dict[str, str]
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def key(self, environment: str = "production") -> dict[str, str]:
+        return {"x-api-key": self.keys[environment]}
+
+    def path(self, rest: str = "") -> str:
+        return f"/v1/projects/{self.id}/ota{rest}"
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def start_server(data_dir: Path, **overrides: Any) -> RunningServer:
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    settings = Settings(
+        data_dir=data_dir, public_url=f"http://127.0.0.1:{port}", **overrides
+    ).resolved()
+    engine = create_db_engine(settings.database_url)
+    upgrade_schema(engine, lock_dir=settings.data_dir)
+    config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("test server did not start")
+        time.sleep(0.01)
+    return RunningServer(
+        base_url=f"http://127.0.0.1:{port}",
+        settings=settings,
+        db=Database(engine),
+        _server=server,
+        _thread=thread,
+    )
+
+
+@pytest.fixture(scope="session")
+def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RunningServer]]:
+    """Start a server with settings of its own; all are stopped at the end of the session."""
+    started: list[RunningServer] = []
+
+    def factory(**overrides: Any) -> RunningServer:
+        running = start_server(tmp_path_factory.mktemp("server"), **overrides)
+        started.append(running)
+        return running
+
+    yield factory
+    for running in started:
+        running.stop()
+
+
+@pytest.fixture(scope="session")
+def server(server_factory: Callable[..., RunningServer]) -> RunningServer:
+    return server_factory()
+
+
+@pytest.fixture
+def client(server: RunningServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, timeout=30) as http:
+        yield http
+
+
+def new_project(db: Database, name: str = "test") -> Project:
+    created = projects.create_project(db, name=name)
+    return Project(
+        id=created.project.id,
+        token=created.dashboard_token,
+        token_id=created.token_id,
+        keys=created.public_keys,
+    )
+
+
+@pytest.fixture
+def project(server: RunningServer) -> Project:
+    """A fresh project per test, so tests never see each other's bundles."""
+    return new_project(server.db)
+
+
+def make_zip(files: dict[str, bytes | str] | None = None) -> bytes:
+    files = files if files is not None else {"config.json": '{"banner": "hello"}'}
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in files.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+def upload(
+    client: httpx.Client,
+    project: Project,
+    bundle: bytes | None = None,
+    **fields: str,
+) -> httpx.Response:
+    return client.post(
+        project.path("/upload"),
+        headers=project.auth,
+        files={"bundle": ("bundle.zip", make_zip() if bundle is None else bundle, "application/zip")},
+        data=fields,
+    )
+
+
+def uploaded(client: httpx.Client, project: Project, **fields: str) -> dict[str, Any]:
+    """Upload a bundle that must succeed, and return the bundle object."""
+    response = upload(client, project, **fields)
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def released(client: httpx.Client, project: Project, **fields: str) -> dict[str, Any]:
+    """Upload and activate a bundle."""
+    bundle = uploaded(client, project, **fields)
+    response = client.post(project.path(f"/bundles/{bundle['id']}/activate"), headers=project.auth)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> None:
+    """Every error is `{"error": str, "code": str}` as JSON with the expected status."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error", "code"}
+    assert isinstance(body["error"], str) and body["error"]
+    if code is not None:
+        assert body["code"] == code, body
