@@ -22,6 +22,32 @@ from koolbase_ota.config import Settings
 from koolbase_ota.db import Database, create_db_engine, upgrade_schema
 from koolbase_ota.projects import service as projects
 
+#: The bundle object's keys, exactly as the API document shows them.
+BUNDLE_FIELDS = {
+    "id",
+    "project_id",
+    "channel",
+    "version",
+    "checksum",
+    "storage_path",
+    "file_size",
+    "mandatory",
+    "active",
+    "release_notes",
+    "created_at",
+    "updated_at",
+}
+#: The keys of a check answer that offers an update.
+OFFER_FIELDS = {
+    "has_update",
+    "version",
+    "checksum",
+    "mandatory",
+    "download_url",
+    "release_notes",
+    "file_size",
+}
+
 
 @dataclass
 class RunningServer:
@@ -91,7 +117,9 @@ def start_server(data_dir: Path, **overrides: Any) -> RunningServer:
 
 
 @pytest.fixture(scope="session")
-def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RunningServer]]:
+def server_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., RunningServer]]:
     """Start a server with settings of its own; all are stopped at the end of the session."""
     started: list[RunningServer] = []
 
@@ -150,14 +178,16 @@ def upload(
     return client.post(
         project.path("/upload"),
         headers=project.auth,
-        files={"bundle": ("bundle.zip", make_zip() if bundle is None else bundle, "application/zip")},
+        files={
+            "bundle": ("bundle.zip", make_zip() if bundle is None else bundle, "application/zip")
+        },
         data=fields,
     )
 
 
 def uploaded(client: httpx.Client, project: Project, **fields: str) -> dict[str, Any]:
     """Upload a bundle that must succeed, and return the bundle object."""
-    response = upload(client, project, **fields)
+    response = upload(client, project, None, **fields)
     assert response.status_code == 201, response.text
     body: dict[str, Any] = response.json()
     return body
@@ -178,6 +208,7 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
     assert set(body) == {"error", "code"}
-    assert isinstance(body["error"], str) and body["error"]
+    assert isinstance(body["error"], str)
+    assert body["error"]
     if code is not None:
         assert body["code"] == code, body

@@ -12,7 +12,9 @@ from koolbase_ota.bundles.router import router as bundles_router
 from koolbase_ota.config import Settings
 from koolbase_ota.db import Database, create_db_engine
 from koolbase_ota.deps import AppContext
-from koolbase_ota.errors import install_error_handlers
+from koolbase_ota.error_handlers import install_error_handlers
+from koolbase_ota.ops import MetricsMiddleware
+from koolbase_ota.ops import router as ops_router
 from koolbase_ota.sdk.check import router as check_router
 from koolbase_ota.sdk.downloads import router as downloads_router
 from koolbase_ota.storage import open_store
@@ -24,9 +26,7 @@ def create_app(settings: Settings) -> FastAPI:
     db = Database(
         create_db_engine(settings.database_url, timeout_seconds=settings.database_timeout_seconds)
     )
-    store = open_store(
-        settings.storage_url, public_url=settings.public_url, secret_key=settings.secret_key
-    )
+    store = open_store(settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -41,6 +41,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.context = AppContext(settings=settings, db=db, store=store)
     install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware)
+    app.include_router(ops_router)
     app.include_router(bundles_router)
     app.include_router(check_router)
     app.include_router(downloads_router)

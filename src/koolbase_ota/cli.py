@@ -7,19 +7,22 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import logging.config
 import os
 import sys
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from koolbase_ota import __version__
-from koolbase_ota.bundles.schemas import rfc3339
+from koolbase_ota.clock import rfc3339
 from koolbase_ota.config import Settings
 from koolbase_ota.db import Database, create_db_engine, migration_lock, upgrade_schema
 from koolbase_ota.errors import OTAError
+from koolbase_ota.logs import logging_config
 from koolbase_ota.projects import service as projects
+from koolbase_ota.projects.models import DashboardToken
 from koolbase_ota.projects.service import CreatedProject
 from koolbase_ota.storage import open_store
 
@@ -38,12 +41,14 @@ def _settings() -> Settings:
         raise CliError(f"invalid configuration: {exc}") from exc
 
 
-def _database(settings: Settings, *, migrate: bool = True) -> Database:
+def _database(settings: Settings, *, announce: bool = False) -> Database:
+    """The database, migrated to the newest schema first."""
     engine = create_db_engine(
         settings.database_url, timeout_seconds=settings.database_timeout_seconds
     )
-    if migrate:
-        upgrade_schema(engine, lock_dir=settings.data_dir)
+    revision = upgrade_schema(engine, lock_dir=settings.data_dir)
+    if revision is not None and announce:
+        logger.info("migrated the database to revision %s", revision)
     return Database(engine)
 
 
@@ -92,7 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     settings = _settings()
-    db = _database(settings)
+    db = _database(settings, announce=True)
     credentials = ensure_default_project(settings, db)
     if credentials is not None:
         logger.info("created project 'default'; its credentials are in %s", credentials)
@@ -107,6 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         proxy_headers=False,
         server_header=False,
         timeout_graceful_shutdown=10,
+        log_config=logging_config(settings.log_format),
     )
 
 
@@ -154,7 +160,7 @@ def cmd_token_create(args: argparse.Namespace) -> None:
     print(f"expires:         {data['expires_at'] or 'never'}")
 
 
-def _token_json(row: projects.DashboardToken) -> dict[str, Any]:
+def _token_json(row: DashboardToken) -> dict[str, Any]:
     now = dt.datetime.now(dt.UTC)
     state = "active"
     if row.revoked_at is not None:
@@ -201,8 +207,8 @@ def cmd_key_rotate(args: argparse.Namespace) -> None:
 
 
 def cmd_db_upgrade(_args: argparse.Namespace) -> None:
-    _database(_settings())
-    print("database is up to date")
+    _database(_settings(), announce=True)
+    print("the database schema is up to date")
 
 
 def cmd_gc(args: argparse.Namespace) -> None:
@@ -210,9 +216,7 @@ def cmd_gc(args: argparse.Namespace) -> None:
 
     settings = _settings()
     db = _database(settings)
-    store = open_store(
-        settings.storage_url, public_url=settings.public_url, secret_key=settings.secret_key
-    )
+    store = open_store(settings)
     report = asyncio.run(
         collect_garbage(db=db, store=store, grace=dt.timedelta(seconds=args.grace_seconds))
     )
@@ -233,14 +237,23 @@ def cmd_gc(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one `error: ...` line, like every other failure of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="koolbase-ota",
         description="Self-hostable OTA update server for Flutter apps. Configured through "
         "KOOLBASE_OTA_* environment variables (see the README).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     def command(
         group: Any, name: str, handler: Callable[[argparse.Namespace], None], help_: str
@@ -255,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
 
     project = commands.add_parser("project", help="create and list projects").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser
     )
     create = command(project, "create", cmd_project_create, "create a project")
     create.add_argument("name")
@@ -264,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true")
 
     token = commands.add_parser("token", help="dashboard tokens").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser
     )
     token_create = command(token, "create", cmd_token_create, "create a dashboard token")
     token_create.add_argument("--project", required=True, metavar="ID")
@@ -277,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     token_revoke.add_argument("token_id", metavar="TOKEN_ID")
 
     key = commands.add_parser("key", help="environment public keys").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser
     )
     rotate = command(key, "rotate", cmd_key_rotate, "replace a public key; the old one stops")
     rotate.add_argument("--project", required=True, metavar="ID")
@@ -285,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--json", action="store_true")
 
     db = commands.add_parser("db", help="database schema").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser
     )
     command(db, "upgrade", cmd_db_upgrade, "apply every pending migration")
 
@@ -301,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_config = logging_config(os.environ.get("KOOLBASE_OTA_LOG_FORMAT", "text"))
+    logging.config.dictConfig(log_config)
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)

@@ -6,11 +6,12 @@ import os
 import secrets
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-SECRET_KEY_FILE = "secret_key"
+SECRET_KEY_FILE = "secret_key"  # noqa: S105  (a file name, not a secret)
 CHANNELS = ("production", "staging", "development")
 
 
@@ -28,6 +29,12 @@ class Settings(BaseSettings):
     max_bundle_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
     # How long a backend may take before the request fails instead of waiting forever.
     database_timeout_seconds: float = Field(default=10.0, gt=0)
+    storage_timeout_seconds: float = Field(default=10.0, gt=0)
+    # S3-compatible storage (KOOLBASE_OTA_STORAGE_URL=s3://bucket/prefix); credentials come from
+    # the standard AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN.
+    s3_endpoint: str = ""
+    s3_region: str = "auto"
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("public_url")
     @classmethod
@@ -44,7 +51,8 @@ class Settings(BaseSettings):
     def resolved(self) -> Settings:
         """Fill the defaults that depend on the data dir; creates the dir and the secret key."""
         data_dir = self.data_dir.expanduser().resolve()
-        data_dir.mkdir(parents=True, exist_ok=True)
+        # Created owner-only: it holds the secret key and the credentials of the first project.
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         database_url = self.database_url or f"sqlite:///{data_dir / 'koolbase-ota.db'}"
         storage_url = self.storage_url or (data_dir / "bundles").as_uri()
         secret_key = self.secret_key or load_or_create_secret_key(data_dir)

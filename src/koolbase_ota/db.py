@@ -14,6 +14,10 @@ from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
+from koolbase_ota.clock import utcnow
+
+__all__ = ["Base", "Database", "UTCDateTime", "utcnow"]
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -25,10 +29,6 @@ NAMING_CONVENTION = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -65,7 +65,7 @@ def is_sqlite(engine: Engine) -> bool:
 
 
 def create_db_engine(url: str, *, timeout_seconds: float = 10.0) -> Engine:
-    """Build the engine; SQLite gets WAL, a busy timeout and write transactions that lock up front."""
+    """Build the engine; SQLite gets WAL, a busy timeout and write transactions that lock first."""
     url = normalise_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -171,9 +171,19 @@ def alembic_config(connection: Any = None) -> Any:
     return config
 
 
-def upgrade_schema(engine: Engine, *, lock_dir: Path) -> None:
-    """Bring the schema to the newest migration; safe when several processes start at once."""
-    from alembic import command
+def upgrade_schema(engine: Engine, *, lock_dir: Path) -> str | None:
+    """Bring the schema to the newest migration; safe when several processes start at once.
 
+    Returns the revision migrated to, or None when the schema was already up to date.
+    """
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    with engine.connect() as connection:
+        if MigrationContext.configure(connection).get_current_revision() == head:
+            return None  # the common case: nothing to lock, nothing to log
     with migration_lock(engine, lock_dir), engine.begin() as connection:
         command.upgrade(alembic_config(connection), "head")
+    return head

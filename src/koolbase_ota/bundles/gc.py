@@ -64,7 +64,7 @@ async def collect_garbage(
         with db.write() as session:
             session.execute(delete(PendingObject).where(PendingObject.storage_path.in_(paths)))
 
-    done = [path for path in report.removed] + sorted(
+    done = list(report.removed) + sorted(
         record.storage_path for record in pending if record.storage_path in referenced
     )
     if done:

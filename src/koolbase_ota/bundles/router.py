@@ -13,6 +13,7 @@ from koolbase_ota.bundles.multipart import check_declared_length, read_upload_fo
 from koolbase_ota.bundles.schemas import BundleOut, ErrorOut, MandatoryIn
 from koolbase_ota.deps import ContextDep, ProjectDep, parse_id
 from koolbase_ota.errors import InvalidInput
+from koolbase_ota.metrics import UPLOAD_BYTES, UPLOADS
 
 router = APIRouter(prefix="/v1/projects/{project_id}/ota", tags=["bundles"])
 
@@ -73,8 +74,13 @@ async def upload_bundle(request: Request, project_id: ProjectDep, context: Conte
         bundle = await service.upload_bundle(
             db=context.db, store=context.store, project_id=project_id, staged=staged
         )
+    except Exception:
+        UPLOADS.labels("failed").inc()
+        raise
     finally:
         staged.discard()
+    UPLOADS.labels("stored").inc()
+    UPLOAD_BYTES.inc(bundle.file_size)
     return BundleOut.of(bundle)
 
 

@@ -8,11 +8,7 @@ import uuid
 from pydantic import BaseModel, ConfigDict, field_serializer
 
 from koolbase_ota.bundles.models import Bundle
-
-
-def rfc3339(value: dt.datetime) -> str:
-    """UTC with a `Z`, as the original server writes timestamps."""
-    return value.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+from koolbase_ota.clock import rfc3339
 
 
 class BundleOut(BaseModel):

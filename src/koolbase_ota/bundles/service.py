@@ -10,7 +10,8 @@ from typing import TypeVar
 
 import anyio.to_thread
 from sqlalchemy import delete, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeout
 from sqlalchemy.orm import Session
 
 from koolbase_ota.bundles.models import Bundle, PendingObject
@@ -54,7 +55,7 @@ async def _db(call: Callable[[], T]) -> T:
         return await anyio.to_thread.run_sync(call)
     except OTAError:
         raise
-    except SQLAlchemyError as exc:
+    except (OperationalError, InterfaceError, SQLAlchemyTimeout) as exc:
         logger.warning("database error: %s", type(exc).__name__)
         raise DatabaseUnavailable("the database is unavailable; try again") from exc
 

@@ -10,6 +10,7 @@ import re
 import stat
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LOCAL_HEADER = b"PK\x03\x04"
 _END_OF_DIRECTORY = b"PK\x05\x06"
 _CHUNK = 1024 * 1024
+_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ def check_entry_name(name: str, *, max_length: int = 1024) -> None:
 
 
 def validate_zip(path: Path, *, limits: ZipLimits | None = None) -> int:
-    """Validate the zip at `path` and return its number of entries; raise Unprocessable if unsafe."""
+    """Validate the zip at `path`, returning its entry count; raise Unprocessable if unsafe."""
     limits = limits or ZipLimits()
     with open(path, "rb") as handle:
         head = handle.read(4)
@@ -85,7 +87,14 @@ def _check_entries(entries: list[zipfile.ZipInfo], limits: ZipLimits) -> None:
     seen: set[str] = set()
     total = 0
     for entry in entries:
-        check_entry_name(entry.filename, max_length=limits.max_name_length)
+        # zipfile cuts `filename` at a NUL; devices see the whole name, so check that one.
+        check_entry_name(entry.orig_filename, max_length=limits.max_name_length)
+        if entry.compress_type not in _METHODS:
+            raise Unprocessable(
+                f"zip entry {entry.filename!r} uses compression method {entry.compress_type};"
+                " only stored and deflated entries unzip on every device",
+                code="unsupported_zip",
+            )
         if entry.filename in seen:
             raise Unprocessable(
                 f"zip entry appears twice: {entry.filename!r}", code="duplicate_entry"
@@ -121,9 +130,14 @@ def _check_content(archive: zipfile.ZipFile, entry: zipfile.ZipInfo) -> None:
     if entry.is_dir():
         return
     read = 0
-    with archive.open(entry) as member:
-        while chunk := member.read(_CHUNK):
-            read += len(chunk)
+    try:
+        with archive.open(entry) as member:
+            while chunk := member.read(_CHUNK):
+                read += len(chunk)
+    except zlib.error as exc:
+        raise Unprocessable(
+            f"zip entry data is corrupt: {entry.filename!r}", code="invalid_zip"
+        ) from exc
     if read != entry.file_size:
         raise Unprocessable(
             f"zip entry size does not match its header: {entry.filename!r}", code="invalid_zip"

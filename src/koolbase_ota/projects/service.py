@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from koolbase_ota.config import CHANNELS
 from koolbase_ota.db import Database, utcnow
@@ -17,7 +18,7 @@ from koolbase_ota.errors import InvalidInput, NotFound, Unauthorized
 from koolbase_ota.projects.models import Channel, DashboardToken, Environment, Project
 
 #: Recognisable by secret scanners, like PyPI's `pypi-` tokens.
-TOKEN_PREFIX = "kbota_"
+TOKEN_PREFIX = "kbota_"  # noqa: S105  (a public prefix, not a secret)
 ENVIRONMENTS = ("production", "staging", "development")
 _MAX_NAME = 200
 
@@ -92,11 +93,8 @@ def list_environments(db: Database, *, project_id: uuid.UUID) -> list[Environmen
 
 
 def _add_token(
-    session: object, *, project_id: uuid.UUID, token: str, expires_at: dt.datetime | None
+    session: Session, *, project_id: uuid.UUID, token: str, expires_at: dt.datetime | None
 ) -> DashboardToken:
-    from sqlalchemy.orm import Session
-
-    assert isinstance(session, Session)
     row = DashboardToken(
         id=uuid.uuid4(),
         project_id=project_id,
@@ -190,7 +188,8 @@ def project_for_public_key(db: Database, *, public_key: str) -> uuid.UUID | None
         ).first()
     if row is None or not hmac.compare_digest(row.public_key_hash, digest):
         return None
-    return row.project_id
+    project_id: uuid.UUID = row.project_id
+    return project_id
 
 
 def has_any_project(db: Database) -> bool:

@@ -21,9 +21,9 @@ _MESSAGES = {
 }
 
 
-@router.api_route(
+@router.get(
     DOWNLOAD_PREFIX + "{key:path}",
-    methods=["GET", "HEAD"],
+    operation_id="download_bundle",
     response_class=FileResponse,
     responses={
         200: {"content": {"application/zip": {}}},
@@ -57,3 +57,8 @@ async def download(key: str, request: Request, context: ContextDep) -> Response:
             "Cache-Control": "private, max-age=300",
         },
     )
+
+
+router.add_api_route(
+    DOWNLOAD_PREFIX + "{key:path}", download, methods=["HEAD"], include_in_schema=False
+)

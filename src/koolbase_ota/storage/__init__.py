@@ -5,10 +5,13 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlparse
 
 from koolbase_ota.errors import NotFound, StorageUnavailable
+
+if TYPE_CHECKING:
+    from koolbase_ota.config import Settings
 
 
 class ObjectNotFound(NotFound):
@@ -54,11 +57,25 @@ class BundleStore(Protocol):
         """Raise StorageUnavailable when the store cannot be used."""
 
 
-def open_store(url: str, *, public_url: str, secret_key: str) -> BundleStore:
-    """Build the store named by KOOLBASE_OTA_STORAGE_URL."""
-    parsed = urlparse(url)
+def open_store(settings: Settings) -> BundleStore:
+    """Build the store named by KOOLBASE_OTA_STORAGE_URL (`file://...` or `s3://bucket/prefix`)."""
+    parsed = urlparse(settings.storage_url)
     if parsed.scheme == "file":
         from koolbase_ota.storage.local import LocalStore
 
-        return LocalStore(Path(parsed.path), public_url=public_url, secret_key=secret_key)
+        return LocalStore(
+            Path(parsed.path), public_url=settings.public_url, secret_key=settings.secret_key
+        )
+    if parsed.scheme == "s3":
+        from koolbase_ota.storage.s3 import S3BundleStore
+
+        if not parsed.netloc:
+            raise ValueError("KOOLBASE_OTA_STORAGE_URL must name a bucket: s3://BUCKET[/PREFIX]")
+        return S3BundleStore(
+            bucket=parsed.netloc,
+            prefix=parsed.path,
+            endpoint=settings.s3_endpoint,
+            region=settings.s3_region,
+            timeout_seconds=settings.storage_timeout_seconds,
+        )
     raise ValueError(f"unsupported KOOLBASE_OTA_STORAGE_URL scheme: {parsed.scheme!r}")

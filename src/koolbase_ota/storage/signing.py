@@ -14,8 +14,7 @@ def _signature(secret_key: str, path: str, params: list[tuple[str, str]]) -> str
     # Every query parameter but the signature goes into the message, sorted, so no parameter
     # can be added, removed or changed without breaking the signature.
     canonical = path + "?" + urlencode(sorted(params))
-    digest = hmac.new(secret_key.encode(), canonical.encode(), hashlib.sha256).hexdigest()
-    return digest
+    return hmac.new(secret_key.encode(), canonical.encode(), hashlib.sha256).hexdigest()
 
 
 def signed_path(secret_key: str, key: str, *, ttl_seconds: int, now: float | None = None) -> str:

@@ -1,0 +1,95 @@
+"""The one place that renders every error as `{"error": ..., "code": ...}` JSON."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import sqlalchemy.exc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse
+
+from koolbase_ota.errors import OTAError
+from koolbase_ota.metrics import ERRORS
+
+logger = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    416: "range_not_satisfiable",
+    429: "too_many_requests",
+}
+
+
+def error_response(
+    status_code: int, message: str, code: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    ERRORS.labels(code).inc()
+    return JSONResponse({"error": message, "code": code}, status_code=status_code, headers=headers)
+
+
+async def _ota_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, OTAError)
+    return error_response(exc.status_code, exc.message, exc.code, exc.headers)
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    if exc.status_code == 404 and message == "Not Found":
+        message = "no such route"
+    return error_response(exc.status_code, message.lower(), code, dict(exc.headers or {}))
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(400, _describe(exc.errors()), "invalid_request")
+
+
+async def _client_gone(_request: Request, _exc: Exception) -> JSONResponse:
+    # Nobody reads this answer; it only keeps a hung-up client out of the error log.
+    return error_response(400, "the client disconnected", "client_disconnected")
+
+
+async def _database_error(_request: Request, exc: Exception) -> JSONResponse:
+    # The statement and its parameters may hold secrets' hashes; only the kind is logged.
+    logger.warning("database unavailable: %s", type(exc).__name__)
+    return error_response(503, "the database is unavailable; try again", "database_unavailable")
+
+
+async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal server error", "internal_error")
+
+
+def _describe(errors: Any) -> str:
+    parts = []
+    for error in errors:
+        where = ".".join(str(part) for part in error.get("loc", ()) if part not in ("body",))
+        parts.append(f"{where}: {error.get('msg', 'invalid')}" if where else error.get("msg"))
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(OTAError, _ota_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
+    for unavailable in (
+        sqlalchemy.exc.OperationalError,
+        sqlalchemy.exc.InterfaceError,
+        sqlalchemy.exc.TimeoutError,
+    ):
+        app.add_exception_handler(unavailable, _database_error)
+    app.add_exception_handler(Exception, _unexpected_error)

@@ -1,0 +1,148 @@
+"""Bundles in an S3-compatible store (Cloudflare R2, AWS S3, MinIO, SeaweedFS) through obstore.
+
+Devices download straight from the store with presigned URLs; this server never proxies bytes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import obstore
+from obstore.exceptions import (
+    AlreadyExistsError,
+    BaseError,
+    NotFoundError,
+)
+from obstore.store import S3Store
+
+from koolbase_ota.errors import StorageUnavailable
+from koolbase_ota.storage import ObjectExists, StoredObject
+
+logger = logging.getLogger(__name__)
+
+#: Parts of a multipart upload; with `max_concurrency` this bounds the memory one upload uses.
+CHUNK_BYTES = 5 * 1024 * 1024
+MAX_CONCURRENCY = 2
+PROBE_KEY = ".koolbase-ota-readyz"
+
+
+class S3BundleStore:
+    serves_downloads = False
+
+    def __init__(
+        self,
+        *,
+        bucket: str,
+        prefix: str = "",
+        endpoint: str = "",
+        region: str = "auto",
+        timeout_seconds: float = 10.0,
+        credentials: dict[str, str] | None = None,
+    ) -> None:
+        config: dict[str, Any] = {"region": region}
+        if endpoint:
+            config["endpoint"] = endpoint
+            # Custom endpoints (R2, MinIO, SeaweedFS) address buckets by path.
+            config["virtual_hosted_style_request"] = False
+        config.update(credentials if credentials is not None else _credentials_from_env())
+        client_options: dict[str, Any] = {
+            "timeout": dt.timedelta(seconds=timeout_seconds),
+            "connect_timeout": dt.timedelta(seconds=min(timeout_seconds, 5.0)),
+            "allow_http": endpoint.startswith("http://"),
+        }
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self._store = S3Store(
+            bucket,
+            prefix=self.prefix or None,
+            client_options=client_options,  # type: ignore[arg-type]
+            retry_config={"max_retries": 2, "retry_timeout": dt.timedelta(seconds=timeout_seconds)},
+            **config,
+        )
+
+    async def put_file(self, key: str, source: Path) -> None:
+        try:
+            # A file object streams in parts: a 50 MiB bundle never sits in memory whole.
+            with open(source, "rb") as handle:
+                await obstore.put_async(
+                    self._store,
+                    key,
+                    handle,
+                    mode="create",
+                    chunk_size=CHUNK_BYTES,
+                    max_concurrency=MAX_CONCURRENCY,
+                )
+        except AlreadyExistsError as exc:
+            raise ObjectExists(f"an object is already stored at {key}") from exc
+        except (BaseError, OSError) as exc:
+            raise _unavailable("store the bundle", exc) from exc
+
+    async def copy(self, source_key: str, target_key: str) -> None:
+        """Server-side copy; the target must not exist yet."""
+        try:
+            await obstore.copy_async(self._store, source_key, target_key, overwrite=False)
+        except AlreadyExistsError as exc:
+            raise ObjectExists(f"an object is already stored at {target_key}") from exc
+        except (BaseError, OSError) as exc:
+            raise _unavailable("copy the bundle", exc) from exc
+
+    async def delete(self, key: str) -> None:
+        try:
+            await obstore.delete_async(self._store, key)
+        except NotFoundError:
+            return
+        except (BaseError, OSError) as exc:
+            raise _unavailable("delete the bundle", exc) from exc
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await obstore.head_async(self._store, key)
+        except NotFoundError:
+            return False
+        except (BaseError, OSError) as exc:
+            raise _unavailable("look up the bundle", exc) from exc
+        return True
+
+    async def list_keys(self, prefix: str) -> list[StoredObject]:
+        found: list[StoredObject] = []
+        try:
+            async for batch in obstore.list(self._store, prefix, chunk_size=1000):
+                found.extend(
+                    StoredObject(key=meta["path"], modified_at=meta["last_modified"])
+                    for meta in batch
+                )
+        except (BaseError, OSError) as exc:
+            raise _unavailable("list bundles", exc) from exc
+        return found
+
+    def download_url(self, key: str, *, ttl_seconds: int) -> str:
+        # Signing is local arithmetic with the credentials: no network call on the check path.
+        return obstore.sign(self._store, "GET", key, dt.timedelta(seconds=ttl_seconds))
+
+    async def check(self) -> None:
+        try:
+            await obstore.head_async(self._store, PROBE_KEY)
+        except NotFoundError:
+            return  # the bucket answered, with the right credentials
+        except (BaseError, OSError) as exc:
+            raise _unavailable("reach the object store", exc) from exc
+
+
+def _credentials_from_env() -> dict[str, str]:
+    """The standard AWS variables; obstore would read them too, but we say which we use."""
+    names = {
+        "AWS_ACCESS_KEY_ID": "access_key_id",
+        "AWS_SECRET_ACCESS_KEY": "secret_access_key",
+        "AWS_SESSION_TOKEN": "session_token",
+    }
+    return {option: os.environ[name] for name, option in names.items() if os.environ.get(name)}
+
+
+def _unavailable(action: str, exc: Exception) -> StorageUnavailable:
+    # obstore's messages name the URL but never the credentials; keep only the kind for clients.
+    logger.warning("object store: could not %s: %s", action, type(exc).__name__)
+    return StorageUnavailable(f"could not {action}: the object store is unavailable")

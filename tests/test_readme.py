@@ -1,0 +1,57 @@
+"""The README's walk-through, run verbatim (but for the server's address) against a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RunningServer
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def walkthrough() -> str:
+    text = README.read_text()
+    match = re.search(
+        r"<!-- walkthrough:start -->\n```bash\n(.*?)```\n<!-- walkthrough:end -->", text, re.S
+    )
+    assert match, "README has no walk-through block"
+    return match.group(1)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the walk-through uses curl")
+def test_readme_walkthrough_runs_verbatim(server: RunningServer, tmp_path: Path) -> None:
+    script = walkthrough()
+    assert script.startswith("OTA=http://127.0.0.1:8080\n")
+    script = script.replace("OTA=http://127.0.0.1:8080", f"OTA={server.base_url}", 1)
+    # The block runs from the checkout, where `make run` made .venv.
+    (tmp_path / ".venv").symlink_to(Path(sys.prefix))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KOOLBASE_OTA_")}
+    env["KOOLBASE_OTA_DATA_DIR"] = str(server.settings.data_dir)
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "checksum OK" in result.stdout
+    lines = result.stdout.strip().splitlines()
+    assert lines[-2] == "204"
+    assert json.loads(lines[-1]) == {"has_update": False}
+    bundle = json.loads((tmp_path / "bundle.json").read_text())
+    assert bundle["version"] == 1
+    assert bundle["release_notes"] == "Updated banner and config"
+    check = json.loads((tmp_path / "check.json").read_text())
+    assert check["has_update"] is True
+    assert check["checksum"] == bundle["checksum"]
