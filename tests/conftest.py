@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import socket
 import threading
@@ -20,7 +21,10 @@ import uvicorn
 from koolbase_ota.app import create_app
 from koolbase_ota.config import Settings
 from koolbase_ota.db import Database, create_db_engine, upgrade_schema
+from koolbase_ota.deps import AppContext
 from koolbase_ota.projects import service as projects
+from koolbase_ota.storage import BundleStore
+from tests.services import PostgresService, SeaweedService
 
 #: The bundle object's keys, exactly as the API document shows them.
 BUNDLE_FIELDS = {
@@ -49,6 +53,9 @@ OFFER_FIELDS = {
 }
 
 
+BACKENDS = ("sqlite-local", "postgres-s3")
+
+
 @dataclass
 class RunningServer:
     """A koolbase-ota app served by uvicorn on 127.0.0.1 in a thread of the test process."""
@@ -56,8 +63,56 @@ class RunningServer:
     base_url: str
     settings: Settings
     db: Database
+    backend: str
     _server: uvicorn.Server
     _thread: threading.Thread
+
+    @property
+    def context(self) -> AppContext:
+        """The app's own database, store and settings."""
+        app: Any = self._server.config.app
+        context: AppContext = app.state.context
+        return context
+
+    @property
+    def store(self) -> BundleStore:
+        return self.context.store
+
+    @property
+    def serves_downloads(self) -> bool:
+        """True on the embedded default, where this server signs and serves download URLs."""
+        return self.store.serves_downloads
+
+    def environment(self) -> dict[str, str]:
+        """The variables that point a CLI or `serve` process at this server's backends."""
+        settings = self.settings
+        env = {
+            "KOOLBASE_OTA_DATA_DIR": str(settings.data_dir),
+            "KOOLBASE_OTA_DATABASE_URL": settings.database_url,
+            "KOOLBASE_OTA_STORAGE_URL": settings.storage_url,
+            "KOOLBASE_OTA_SECRET_KEY": settings.secret_key,
+        }
+        if settings.s3_endpoint:
+            env |= {
+                "KOOLBASE_OTA_S3_ENDPOINT": settings.s3_endpoint,
+                "KOOLBASE_OTA_S3_REGION": settings.s3_region,
+                "AWS_ACCESS_KEY_ID": settings.aws_access_key_id,
+                "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key,
+            }
+        return env
+
+    def stored_keys(self) -> set[str]:
+        """Every bundle object in the store, whatever the backend."""
+        return {item.key for item in asyncio.run(self.store.list_keys("ota/"))}
+
+    def object_exists(self, key: str) -> bool:
+        return asyncio.run(self.store.exists(key))
+
+    def read_object(self, key: str) -> bytes:
+        """The stored bytes of a bundle, fetched the way a device fetches them."""
+        response = httpx.get(self.store.download_url(key, ttl_seconds=60), timeout=30)
+        assert response.status_code == 200, response.text
+        return response.content
 
     def stop(self) -> None:
         self._server.should_exit = True
@@ -90,7 +145,9 @@ def free_socket() -> socket.socket:
     return sock
 
 
-def start_server(data_dir: Path, **overrides: Any) -> RunningServer:
+def start_server(
+    data_dir: Path, *, backend: str = "sqlite-local", **overrides: Any
+) -> RunningServer:
     sock = free_socket()
     port = sock.getsockname()[1]
     settings = Settings(
@@ -111,20 +168,59 @@ def start_server(data_dir: Path, **overrides: Any) -> RunningServer:
         base_url=f"http://127.0.0.1:{port}",
         settings=settings,
         db=Database(engine),
+        backend=backend,
         _server=server,
         _thread=thread,
     )
 
 
 @pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresService]:
+    """A private PostgreSQL for the whole run, started on first use."""
+    with PostgresService() as service:
+        yield service
+
+
+@pytest.fixture(scope="session")
+def seaweed() -> Iterator[SeaweedService]:
+    """A private SeaweedFS S3 server (signatures and expiry checked) for the whole run."""
+    with SeaweedService() as service:
+        yield service
+
+
+def backend_settings(backend: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Settings that point a new server at fresh, empty backends of the given pair."""
+    if backend == "sqlite-local":
+        return {}
+    postgres: PostgresService = request.getfixturevalue("postgres")
+    seaweed: SeaweedService = request.getfixturevalue("seaweed")
+    return {
+        "database_url": postgres.create_database(),
+        "storage_url": f"s3://{seaweed.bucket}/{seaweed.unique_prefix()}",
+        "s3_endpoint": seaweed.endpoint,
+        "s3_region": seaweed.region,
+        "aws_access_key_id": seaweed.access_key,
+        "aws_secret_access_key": seaweed.secret_key,
+    }
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The (database, store) pair the API suite runs on; every API test runs on each."""
+    name: str = request.param
+    return name
+
+
+@pytest.fixture(scope="session")
 def server_factory(
-    tmp_path_factory: pytest.TempPathFactory,
+    backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., RunningServer]]:
     """Start a server with settings of its own; all are stopped at the end of the session."""
     started: list[RunningServer] = []
 
     def factory(**overrides: Any) -> RunningServer:
-        running = start_server(tmp_path_factory.mktemp("server"), **overrides)
+        settings = {**backend_settings(backend, request), **overrides}
+        running = start_server(tmp_path_factory.mktemp("server"), backend=backend, **settings)
         started.append(running)
         return running
 
@@ -212,3 +308,17 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
     assert body["error"]
     if code is not None:
         assert body["code"] == code, body
+
+
+def assert_download_refused(
+    server: RunningServer, response: httpx.Response, status: int, *, local: str, s3: str
+) -> None:
+    """A download URL that serves nothing, answered by whoever serves the downloads.
+
+    `local` is our JSON error code (embedded default); `s3` is the store's XML `<Code>`.
+    """
+    if server.serves_downloads:
+        assert_error(response, status, local)
+    else:
+        assert response.status_code == status, response.text
+        assert f"<Code>{s3}</Code>" in response.text, response.text

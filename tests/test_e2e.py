@@ -75,22 +75,34 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-@contextlib.contextmanager
-def serving(data_dir: Path, log_name: str, *options: str) -> Iterator[Server]:
-    """`koolbase-ota serve` on a free port of 127.0.0.1, answering, stopped at the end."""
+def launch(
+    data_dir: Path, log_name: str, *options: str, env: dict[str, str] | None = None
+) -> Server:
+    """Start `koolbase-ota serve` on a free port of 127.0.0.1 without waiting for it.
+
+    `env` adds settings (a PostgreSQL URL, an S3 store) to the process's environment.
+    """
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    env = cli_env(data_dir, KOOLBASE_OTA_PUBLIC_URL=base_url)
+    env = cli_env(data_dir, KOOLBASE_OTA_PUBLIC_URL=base_url, **(env or {}))
     log_path = data_dir.parent / f"{log_name}.stderr.log"
     command = [str(CONSOLE_SCRIPT), "serve", "--host", "127.0.0.1", "--port", str(port), *options]
     with open(log_path, "wb") as stderr, open(log_path.with_suffix(".stdout"), "wb") as stdout:
         process = subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr)
-    server = Server(process=process, base_url=base_url, data_dir=data_dir, log_path=log_path)
+    return Server(process=process, base_url=base_url, data_dir=data_dir, log_path=log_path)
+
+
+@contextlib.contextmanager
+def serving(
+    data_dir: Path, log_name: str, *options: str, env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """`koolbase-ota serve` on a free port of 127.0.0.1, answering, stopped at the end."""
+    server = launch(data_dir, log_name, *options, env=env)
     try:
         wait_until_answering(server)
         yield server
     finally:
-        stop(process)
+        stop(server.process)
 
 
 def make_zip() -> bytes:

@@ -34,7 +34,7 @@ def test_readme_walkthrough_runs_verbatim(server: RunningServer, tmp_path: Path)
     # The block runs from the checkout, where `make run` made .venv.
     (tmp_path / ".venv").symlink_to(Path(sys.prefix))
     env = {k: v for k, v in os.environ.items() if not k.startswith("KOOLBASE_OTA_")}
-    env["KOOLBASE_OTA_DATA_DIR"] = str(server.settings.data_dir)
+    env.update(server.environment())
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script],
         cwd=tmp_path,

@@ -9,6 +9,7 @@ import json
 import logging
 import logging.config
 import os
+import shutil
 import sys
 import uuid
 from collections.abc import Callable, Sequence
@@ -102,6 +103,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if credentials is not None:
         logger.info("created project 'default'; its credentials are in %s", credentials)
     db.dispose()
+    if args.workers > 1:
+        # Each worker counts in files here; /metrics on any worker adds them all up.
+        metrics_dir = settings.data_dir / "metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(mode=0o700)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     logger.info("serving on http://%s:%s (data in %s)", args.host, args.port, settings.data_dir)
     uvicorn.run(
         "koolbase_ota.app:create_app_from_env",
@@ -244,6 +251,44 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
 
+def cmd_move(args: argparse.Namespace) -> None:
+    from koolbase_ota.db import normalise_url
+    from koolbase_ota.transfer import move_install
+
+    source = _settings()
+    target = source.model_copy(
+        update={
+            "database_url": args.database_url,
+            "storage_url": args.storage_url,
+            "s3_endpoint": args.s3_endpoint if args.s3_endpoint is not None else source.s3_endpoint,
+            "s3_region": args.s3_region if args.s3_region is not None else source.s3_region,
+        }
+    )
+    if normalise_url(target.database_url) == normalise_url(source.database_url):
+        raise CliError("--database-url names the database you are moving from")
+    try:
+        target_store = open_store(target)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    report = asyncio.run(
+        move_install(
+            source_db=_database(source),
+            source_store=open_store(source),
+            target_db=_database(target),
+            target_store=target_store,
+        )
+    )
+    copied = ", ".join(f"{count} {table}" for table, count in report.rows.items())
+    print(f"copied {report.objects_copied} bundle files", end="")
+    if report.objects_already_there:
+        print(f" ({report.objects_already_there} were already there)", end="")
+    print(f"; rows: {copied}")
+    print(
+        "done: point KOOLBASE_OTA_DATABASE_URL and KOOLBASE_OTA_STORAGE_URL at the new"
+        " backends and restart the servers; keys, tokens and versions are unchanged"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="koolbase-ota",
@@ -310,6 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave unreferenced files younger than this alone (default 3600)",
     )
     gc.add_argument("--json", action="store_true")
+
+    move = command(
+        commands,
+        "move",
+        cmd_move,
+        "copy this install (its database and bundle files) to new, empty backends",
+    )
+    move.add_argument("--database-url", required=True, metavar="URL", help="postgresql://...")
+    move.add_argument("--storage-url", required=True, metavar="URL", help="s3://BUCKET[/PREFIX]")
+    move.add_argument("--s3-endpoint", metavar="URL", help="default: KOOLBASE_OTA_S3_ENDPOINT")
+    move.add_argument("--s3-region", metavar="NAME", help="default: KOOLBASE_OTA_S3_REGION")
     return parser
 
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SECRET_KEY_FILE = "secret_key"  # noqa: S105  (a file name, not a secret)
@@ -35,6 +35,20 @@ class Settings(BaseSettings):
     s3_endpoint: str = ""
     s3_region: str = "auto"
     log_format: Literal["text", "json"] = "text"
+    # The standard AWS variable names, without our prefix, as every S3 tool reads them.
+    aws_access_key_id: str = Field(
+        default="", validation_alias=AliasChoices("aws_access_key_id", "AWS_ACCESS_KEY_ID")
+    )
+    aws_secret_access_key: str = Field(
+        default="",
+        repr=False,
+        validation_alias=AliasChoices("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY"),
+    )
+    aws_session_token: str = Field(
+        default="",
+        repr=False,
+        validation_alias=AliasChoices("aws_session_token", "AWS_SESSION_TOKEN"),
+    )
 
     @field_validator("public_url")
     @classmethod
@@ -47,6 +61,14 @@ class Settings(BaseSettings):
         if value and len(value) < 32:
             raise ValueError("KOOLBASE_OTA_SECRET_KEY must be at least 32 characters")
         return value
+
+    def s3_credentials(self) -> dict[str, str]:
+        given = {
+            "access_key_id": self.aws_access_key_id,
+            "secret_access_key": self.aws_secret_access_key,
+            "session_token": self.aws_session_token,
+        }
+        return {name: value for name, value in given.items() if value}
 
     def resolved(self) -> Settings:
         """Fill the defaults that depend on the data dir; creates the dir and the secret key."""

@@ -8,22 +8,20 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from sqlalchemy import select
 
 from koolbase_ota.bundles.gc import collect_garbage
 from koolbase_ota.bundles.models import PendingObject
-from koolbase_ota.deps import AppContext
 from koolbase_ota.errors import StorageUnavailable
 from koolbase_ota.storage import BundleStore, open_store
 from tests.conftest import (
     Project,
     RunningServer,
+    assert_download_refused,
     assert_error,
     make_zip,
     new_project,
@@ -65,10 +63,6 @@ def timestamp(value: str) -> dt.datetime:
     return dt.datetime.fromisoformat(value)
 
 
-def stored_file(server: RunningServer, bundle: Bundle) -> Path:
-    return server.settings.data_dir / "bundles" / str(bundle["storage_path"])
-
-
 def download_url(client: httpx.Client, project: Project, channel: str = "production") -> str:
     response = client.get(
         "/v1/sdk/ota/check", params={"channel": channel, "version": 0}, headers=project.key()
@@ -81,14 +75,6 @@ def download_url(client: httpx.Client, project: Project, channel: str = "product
 def pending_paths(server: RunningServer) -> dict[str, str]:
     with server.db.read() as session:
         return {row.storage_path: row.reason for row in session.scalars(select(PendingObject))}
-
-
-def app_context(server: RunningServer) -> AppContext:
-    """The running app's context, to inject a fault that cannot be caused for real."""
-    app = server._server.config.app
-    assert isinstance(app, FastAPI)
-    context: AppContext = app.state.context
-    return context
 
 
 def gc_store(server: RunningServer) -> BundleStore:
@@ -237,7 +223,7 @@ def test_a_bundle_of_another_project_is_404_and_left_alone(
         response = delete(client, project, theirs["id"])
     assert_error(response, 404, "bundle_not_found")
     assert listed(client, other) == [theirs]
-    assert stored_file(server, theirs).is_file()
+    assert server.object_exists(theirs["storage_path"])
 
 
 # Mandatory
@@ -304,18 +290,17 @@ def test_delete_removes_the_row_the_file_and_handed_out_urls(
     kept = uploaded(client, project)
     bundle = released(client, project)
     url = download_url(client, project)
-    assert client.get(url).status_code == 200
-    path = stored_file(server, bundle)
-    assert path.is_file()
+    assert httpx.get(url).status_code == 200
+    assert server.object_exists(bundle["storage_path"])
 
     response = delete(client, project, bundle["id"])
     assert response.status_code == 204
     assert response.content == b""
 
     assert listed(client, project) == [kept]
-    assert not path.exists()
-    assert stored_file(server, kept).is_file()
-    assert_error(client.get(url), 404)
+    assert not server.object_exists(bundle["storage_path"])
+    assert server.object_exists(kept["storage_path"])
+    assert_download_refused(server, httpx.get(url), 404, local="bundle_not_found", s3="NoSuchKey")
     assert bundle["storage_path"] not in pending_paths(server)
 
 
@@ -348,36 +333,42 @@ def test_a_failed_store_delete_leaves_a_recorded_file_that_gc_removes(
     isolated_client: httpx.Client,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Root ignores directory permissions, so a refusing store cannot be caused for real here.
+    # The refused delete is injected: root ignores directory permissions, so local disk cannot
+    # be made to refuse for real, and one injected fault keeps the test the same on S3.
     project = new_project(isolated.db)
     bundle = released(isolated_client, project)
     url = download_url(isolated_client, project)
-    path = stored_file(isolated, bundle)
-    store = app_context(isolated).store
+    key = bundle["storage_path"]
 
     async def refuse(key: str) -> None:
         raise StorageUnavailable(f"could not delete {key}")
 
-    monkeypatch.setattr(store, "delete", refuse)
+    monkeypatch.setattr(isolated.store, "delete", refuse)
     response = delete(isolated_client, project, bundle["id"])
     monkeypatch.undo()
 
     assert response.status_code == 204, response.text
     assert listed(isolated_client, project) == []
-    assert path.is_file()
-    assert pending_paths(isolated) == {bundle["storage_path"]: "delete"}
-    # The file is still there, but the URL handed out before the delete no longer serves it.
-    assert_error(isolated_client.get(url), 404)
+    assert isolated.object_exists(key)
+    assert pending_paths(isolated) == {key: "delete"}
+    if isolated.serves_downloads:
+        # The file is still there, but the URL handed out before the delete no longer serves it.
+        assert_error(httpx.get(url), 404, "bundle_not_found")
+    else:
+        # A presigned URL cannot be revoked: the store serves what it holds until gc runs.
+        assert httpx.get(url).status_code == 200
 
     # A recorded delete is removed at once, whatever the grace period.
     report = asyncio.run(
         collect_garbage(db=isolated.db, store=gc_store(isolated), grace=dt.timedelta(hours=1))
     )
-    assert report.removed == [bundle["storage_path"]]
+    assert report.removed == [key]
     assert report.missing == []
     assert report.failed == []
-    assert not path.exists()
+    assert not isolated.object_exists(key)
+    assert isolated.stored_keys() == set()
     assert pending_paths(isolated) == {}
+    assert_download_refused(isolated, httpx.get(url), 404, local="bundle_not_found", s3="NoSuchKey")
 
 
 def test_gc_reports_a_row_whose_file_is_missing(
@@ -386,15 +377,36 @@ def test_gc_reports_a_row_whose_file_is_missing(
     project = new_project(isolated.db)
     gone = uploaded(isolated_client, project)
     kept = uploaded(isolated_client, project)
-    stored_file(isolated, gone).unlink()
+    asyncio.run(isolated.store.delete(gone["storage_path"]))
 
     report = asyncio.run(
         collect_garbage(db=isolated.db, store=gc_store(isolated), grace=dt.timedelta(0))
     )
     assert report.missing == [gone["storage_path"]]
     assert report.removed == []
-    assert stored_file(isolated, kept).is_file()
+    assert isolated.stored_keys() == {kept["storage_path"]}
     assert listed(isolated_client, project) == [kept, gone]
+
+
+#: Per database dialect, the statements that make every insert into `bundles` fail, and undo it.
+REFUSE_BUNDLE_INSERTS = {
+    "sqlite": (
+        [
+            "CREATE TRIGGER refuse_bundles BEFORE INSERT ON bundles "
+            "BEGIN SELECT RAISE(ABORT, 'refused by test'); END"
+        ],
+        ["DROP TRIGGER refuse_bundles"],
+    ),
+    "postgresql": (
+        [
+            "CREATE FUNCTION refuse_bundle() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'refused by test'; END $$",
+            "CREATE TRIGGER refuse_bundles BEFORE INSERT ON bundles "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_bundle()",
+        ],
+        ["DROP TRIGGER refuse_bundles ON bundles", "DROP FUNCTION refuse_bundle()"],
+    ),
+}
 
 
 def test_an_upload_whose_row_cannot_be_written_leaves_no_file(
@@ -402,22 +414,22 @@ def test_an_upload_whose_row_cannot_be_written_leaves_no_file(
 ) -> None:
     project = new_project(isolated.db)
     # A real database failure at the last step: the insert of the bundle row is refused.
+    create, drop = REFUSE_BUNDLE_INSERTS[isolated.db.engine.dialect.name]
     with isolated.db.engine.begin() as connection:
-        connection.exec_driver_sql(
-            "CREATE TRIGGER refuse_bundles BEFORE INSERT ON bundles "
-            "BEGIN SELECT RAISE(ABORT, 'refused by test'); END"
-        )
+        for statement in create:
+            connection.exec_driver_sql(statement)
     try:
         # A connection of its own: the server may close it after an unexpected error.
         with httpx.Client(base_url=isolated.base_url, timeout=30) as once:
             response = upload(once, project, make_zip({"a.json": "{}"}))
     finally:
         with isolated.db.engine.begin() as connection:
-            connection.exec_driver_sql("DROP TRIGGER refuse_bundles")
+            for statement in drop:
+                connection.exec_driver_sql(statement)
 
     assert response.status_code >= 500, response.text
     assert_error(response, response.status_code)
-    bundles_dir = isolated.settings.data_dir / "bundles"
-    assert [p for p in bundles_dir.rglob("*") if p.is_file()] == []
+    assert isolated.stored_keys() == set()
     assert pending_paths(isolated) == {}
     assert listed(isolated_client, project) == []
+    assert [p for p in (isolated.settings.data_dir / "tmp").rglob("*") if p.is_file()] == []

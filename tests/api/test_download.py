@@ -1,19 +1,30 @@
-"""Signed download URLs served by this server itself on the embedded default."""
+"""Download URLs handed out by the check, fetched for real on both backends.
+
+On the embedded default this server signs the URLs (HMAC) and serves the files itself; on S3 the
+store presigns them (SigV4) and devices download straight from it. Either way a URL serves the
+exact bytes, honours ranges, and stops working when it is tampered with, expires or its bundle
+is deleted.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import httpx
 import pytest
 
-from koolbase_ota.storage.signing import signed_path
+from koolbase_ota.storage import open_store
+from koolbase_ota.storage.signing import DOWNLOAD_PREFIX, signed_path
 from tests.conftest import (
     Project,
     RunningServer,
+    assert_download_refused,
     assert_error,
     make_zip,
     new_project,
@@ -32,10 +43,16 @@ def release(client: httpx.Client, project: Project, content: bytes = CONTENT) ->
     return bundle
 
 
-def download_url(client: httpx.Client, project: Project) -> str:
+def check(client: httpx.Client, project: Project) -> dict[str, Any]:
     response = client.get("/v1/sdk/ota/check", params={"version": 0}, headers=project.key())
     assert response.status_code == 200, response.text
-    url: str = response.json()["download_url"]
+    body: dict[str, Any] = response.json()
+    assert body["has_update"] is True, body
+    return body
+
+
+def download_url(client: httpx.Client, project: Project) -> str:
+    url: str = check(client, project)["download_url"]
     return url
 
 
@@ -48,132 +65,200 @@ def query_of(url: str) -> list[tuple[str, str]]:
     return parse_qsl(urlsplit(url).query, keep_blank_values=True)
 
 
+@dataclass(frozen=True)
+class Signed:
+    """The query parameters that carry a download URL's signature and expiry."""
+
+    signature: str
+    expiry: str
+
+
+def signed_names(server: RunningServer) -> Signed:
+    if server.serves_downloads:
+        return Signed(signature="signature", expiry="expires")
+    return Signed(signature="X-Amz-Signature", expiry="X-Amz-Expires")
+
+
+def expires_at(server: RunningServer, url: str) -> float:
+    """When the URL stops working, in seconds since the epoch."""
+    query = dict(query_of(url))
+    if server.serves_downloads:
+        return float(query["expires"])
+    signed_at = dt.datetime.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
+    return signed_at.timestamp() + int(query["X-Amz-Expires"])
+
+
 @pytest.fixture
 def url(client: httpx.Client, project: Project) -> str:
     release(client, project)
     return download_url(client, project)
 
 
-def test_get_serves_the_bundle_as_a_zip(client: httpx.Client, url: str) -> None:
-    response = client.get(url)
-    assert response.status_code == 200
+@pytest.fixture
+def embedded(server: RunningServer) -> RunningServer:
+    """The server, for tests of the download route it serves on the embedded default only."""
+    if not server.serves_downloads:
+        pytest.skip("on S3 devices download from the store: this server serves no bundle bytes")
+    return server
+
+
+# Both backends: what a device gets
+
+
+def test_a_plain_get_serves_the_exact_bytes_of_the_checksum(
+    client: httpx.Client, project: Project
+) -> None:
+    release(client, project)
+    offer = check(client, project)
+    # What the SDK does: a bare GET on the URL, no headers, nothing else.
+    response = httpx.get(offer["download_url"])
+    assert response.status_code == 200, response.text
     assert response.content == CONTENT
-    assert response.headers["content-type"] == "application/zip"
     assert response.headers["content-length"] == str(len(CONTENT))
-    assert response.headers["etag"]
+    assert response.headers["content-type"] == "application/zip"
+    assert offer["checksum"] == "sha256:" + hashlib.sha256(response.content).hexdigest()
+    assert offer["file_size"] == len(response.content)
 
 
-def test_a_plain_get_without_headers_works(url: str) -> None:
-    # What the SDK does: a bare GET on the URL, nothing else.
-    response = httpx.get(url)
-    assert response.status_code == 200
-    assert response.content == CONTENT
+def test_the_url_points_at_whoever_serves_the_bundles(server: RunningServer, url: str) -> None:
+    if server.serves_downloads:
+        assert url.startswith(server.base_url + DOWNLOAD_PREFIX)
+    else:
+        # Devices download from the store itself: the server never proxies bundle bytes.
+        assert url.startswith(f"{server.settings.s3_endpoint}/")
+        assert not url.startswith(server.base_url)
+        assert dict(query_of(url))["X-Amz-Signature"]
 
 
-def test_head_has_the_headers_and_no_body(client: httpx.Client, url: str) -> None:
-    get = client.get(url)
-    head = client.head(url)
-    assert head.status_code == 200
-    assert head.content == b""
-    assert head.headers["content-type"] == "application/zip"
-    assert head.headers["content-length"] == str(len(CONTENT))
-    assert head.headers["etag"] == get.headers["etag"]
+def test_only_the_embedded_default_serves_bundles_itself(
+    server: RunningServer, client: httpx.Client, project: Project
+) -> None:
+    bundle = release(client, project)
+    own_url = signed_path(server.settings.secret_key, bundle["storage_path"], ttl_seconds=60)
+    response = client.get(own_url)
+    if server.serves_downloads:
+        assert response.status_code == 200
+        assert response.content == CONTENT
+    else:
+        assert_error(response, 404, "not_found")
 
 
-def test_a_byte_range_is_206(client: httpx.Client, url: str) -> None:
-    response = client.get(url, headers={"Range": "bytes=0-9"})
+def test_a_byte_range_is_206(url: str) -> None:
+    response = httpx.get(url, headers={"Range": "bytes=0-9"})
     assert response.status_code == 206
     assert response.content == CONTENT[:10]
     assert response.headers["content-range"] == f"bytes 0-9/{len(CONTENT)}"
     assert response.headers["content-length"] == "10"
 
 
-def test_a_resumed_download_gets_the_rest(client: httpx.Client, url: str) -> None:
+def test_a_resumed_download_gets_the_rest(url: str) -> None:
     start = len(CONTENT) // 2
-    response = client.get(url, headers={"Range": f"bytes={start}-"})
+    response = httpx.get(url, headers={"Range": f"bytes={start}-"})
     assert response.status_code == 206
     assert response.content == CONTENT[start:]
     assert response.headers["content-range"] == f"bytes {start}-{len(CONTENT) - 1}/{len(CONTENT)}"
 
 
-def test_a_suffix_range_is_the_last_bytes(client: httpx.Client, url: str) -> None:
-    response = client.get(url, headers={"Range": "bytes=-5"})
+def test_a_suffix_range_is_the_last_bytes(url: str) -> None:
+    response = httpx.get(url, headers={"Range": "bytes=-5"})
     assert response.status_code == 206
     assert response.content == CONTENT[-5:]
     size = len(CONTENT)
     assert response.headers["content-range"] == f"bytes {size - 5}-{size - 1}/{size}"
 
 
-def _tampered_signature(url: str) -> str:
-    query = query_of(url)
+# Both backends: tampered, moved, expired, foreign and deleted URLs
+
+
+def _flipped(value: str) -> str:
+    return value[:-1] + ("0" if value[-1] != "0" else "1")
+
+
+def _tampered_signature(url: str, names: Signed) -> str:
     return with_query(
         url,
         [
-            (name, value[:-1] + ("0" if value[-1] != "0" else "1"))
-            if name == "signature"
-            else (name, value)
-            for name, value in query
+            (name, _flipped(value) if name == names.signature else value)
+            for name, value in query_of(url)
         ],
     )
 
 
-def _tampered_expiry(url: str) -> str:
-    query = query_of(url)
+def _tampered_expiry(url: str, names: Signed) -> str:
     return with_query(
         url,
         [
-            (name, str(int(value) + 1)) if name == "expires" else (name, value)
-            for name, value in query
+            (name, str(int(value) + 1) if name == names.expiry else value)
+            for name, value in query_of(url)
         ],
     )
 
 
-def _stripped_signature(url: str) -> str:
-    return with_query(url, [(name, value) for name, value in query_of(url) if name != "signature"])
+def _stripped_signature(url: str, names: Signed) -> str:
+    return with_query(
+        url, [(name, value) for name, value in query_of(url) if name != names.signature]
+    )
 
 
-def _no_query(url: str) -> str:
+def _no_query(url: str, names: Signed) -> str:
     return with_query(url, [])
 
 
-def _added_parameter(url: str) -> str:
+def _added_parameter(url: str, names: Signed) -> str:
     return with_query(url, [*query_of(url), ("download", "1")])
 
 
-def _doubled_signature(url: str) -> str:
-    signature = dict(query_of(url))["signature"]
-    return with_query(url, [*query_of(url), ("signature", signature)])
+def _doubled_signature(url: str, names: Signed) -> str:
+    signature = dict(query_of(url))[names.signature]
+    return with_query(url, [*query_of(url), (names.signature, signature)])
 
 
 @pytest.mark.parametrize(
-    "tamper",
+    ("tamper", "s3_answer"),
     [
-        _tampered_signature,
-        _tampered_expiry,
-        _stripped_signature,
-        _no_query,
-        _added_parameter,
-        _doubled_signature,
+        pytest.param(_tampered_signature, (403, "SignatureDoesNotMatch"), id="signature"),
+        pytest.param(_tampered_expiry, (403, "SignatureDoesNotMatch"), id="expiry"),
+        # SeaweedFS takes a presigned URL without its signature for a malformed request.
+        pytest.param(_stripped_signature, (400, "MissingFields"), id="stripped"),
+        pytest.param(_no_query, (403, "AccessDenied"), id="no-query"),
+        pytest.param(_added_parameter, (403, "SignatureDoesNotMatch"), id="added-parameter"),
+        pytest.param(_doubled_signature, None, id="doubled-signature"),
     ],
 )
-def test_a_tampered_url_is_403(
-    client: httpx.Client, url: str, tamper: Callable[[str], str]
+def test_a_tampered_url_is_refused(
+    server: RunningServer,
+    url: str,
+    tamper: Callable[[str, Signed], str],
+    s3_answer: tuple[int, str] | None,
 ) -> None:
-    assert client.get(url).status_code == 200
-    assert_error(client.get(tamper(url)), 403, "invalid_signature")
+    assert httpx.get(url).status_code == 200
+    if server.serves_downloads:
+        status, s3_code = 403, ""
+    elif s3_answer is None:
+        pytest.skip("SeaweedFS reads the first of two identical, valid signatures: nothing opens")
+    else:
+        status, s3_code = s3_answer
+    response = httpx.get(tamper(url, signed_names(server)))
+    assert_download_refused(server, response, status, local="invalid_signature", s3=s3_code)
+    assert CONTENT not in response.content
 
 
-def test_a_signature_does_not_open_another_bundle(client: httpx.Client, project: Project) -> None:
+def test_a_signature_does_not_open_another_bundle(
+    server: RunningServer, client: httpx.Client, project: Project
+) -> None:
     release(client, project)
     url = download_url(client, project)
     release(client, project, make_zip({"other.json": "{}"}))
     other_url = download_url(client, project)
     assert "/v1.zip?" in url
     assert "/v2.zip?" in other_url
-    assert client.get(other_url).status_code == 200
+    assert httpx.get(other_url).status_code == 200
 
     moved = url.replace("/v1.zip?", "/v2.zip?")
-    assert_error(client.get(moved), 403, "invalid_signature")
+    response = httpx.get(moved)
+    assert_download_refused(
+        server, response, 403, local="invalid_signature", s3="SignatureDoesNotMatch"
+    )
 
 
 def test_a_signature_does_not_open_another_projects_bundle(
@@ -185,23 +270,34 @@ def test_a_signature_does_not_open_another_projects_bundle(
     release(client, other)
     moved = url.replace(str(project.id), str(other.id))
     assert moved != url
-    assert_error(client.get(moved), 403, "invalid_signature")
+    response = httpx.get(moved)
+    assert_download_refused(
+        server, response, 403, local="invalid_signature", s3="SignatureDoesNotMatch"
+    )
 
 
 def test_an_expired_url_is_403(
     server: RunningServer, client: httpx.Client, project: Project
 ) -> None:
-    bundle = release(client, project)
-    path = signed_path(
-        server.settings.secret_key,
-        bundle["storage_path"],
-        ttl_seconds=60,
-        now=time.time() - 3600,
-    )
-    assert_error(client.get(server.base_url + path), 403, "url_expired")
-    # The same path signed now opens, so it is the expiry, not the signature, that refuses.
-    fresh = signed_path(server.settings.secret_key, bundle["storage_path"], ttl_seconds=60)
-    assert client.get(server.base_url + fresh).status_code == 200
+    key = release(client, project)["storage_path"]
+    if server.serves_downloads:
+        expired = server.base_url + signed_path(
+            server.settings.secret_key, key, ttl_seconds=60, now=time.time() - 3600
+        )
+    else:
+        # A SigV4 URL signs its own date and lifetime, so only waiting makes one expire.
+        # X-Amz-Date has whole seconds: a 1 s URL is dead at most 1 s after signing.
+        signed_at = time.monotonic()
+        expired = server.store.download_url(key, ttl_seconds=1)
+        time.sleep(max(0.0, signed_at + 2.2 - time.monotonic()))
+    response = httpx.get(expired)
+    assert_download_refused(server, response, 403, local="url_expired", s3="AccessDenied")
+    if not server.serves_downloads:
+        assert "Request has expired" in response.text
+    # The same key signed now opens, so it is the expiry, not the signature, that refuses.
+    fresh = httpx.get(server.store.download_url(key, ttl_seconds=60))
+    assert fresh.status_code == 200
+    assert fresh.content == CONTENT
 
 
 def test_a_url_expires_after_the_configured_ttl(
@@ -213,26 +309,69 @@ def test_a_url_expires_after_the_configured_ttl(
         release(client, project)
         before = time.time()
         url = download_url(client, project)
-        expires = int(dict(query_of(url))["expires"])
-        assert before + 60 - 2 <= expires <= time.time() + 60 + 1
-        assert client.get(url).status_code == 200
+        after = time.time()
+    assert before + 60 - 2 <= expires_at(short, url) <= after + 60 + 1
+    assert httpx.get(url).status_code == 200
 
 
 def test_a_url_signed_with_another_secret_is_403(
     server: RunningServer, client: httpx.Client, project: Project
 ) -> None:
-    bundle = release(client, project)
-    path = signed_path(
-        "another secret key of at least 32 chars", bundle["storage_path"], ttl_seconds=60
+    key = release(client, project)["storage_path"]
+    # The same store with other credentials: our HMAC key locally, the S3 secret key on S3.
+    impostor = open_store(
+        server.settings.model_copy(
+            update={
+                "secret_key": "another secret key of at least 32 chars",
+                "aws_secret_access_key": "not-the-secret-access-key",
+            }
+        )
     )
-    assert_error(client.get(server.base_url + path), 403, "invalid_signature")
+    response = httpx.get(impostor.download_url(key, ttl_seconds=60))
+    assert_download_refused(
+        server, response, 403, local="invalid_signature", s3="SignatureDoesNotMatch"
+    )
 
 
-def test_a_deleted_bundle_is_404(client: httpx.Client, project: Project) -> None:
+def test_a_url_of_a_deleted_bundle_is_404(
+    client: httpx.Client, project: Project, server: RunningServer
+) -> None:
     bundle = release(client, project)
     url = download_url(client, project)
-    assert client.get(url).status_code == 200
+    assert httpx.get(url).status_code == 200
     deleted = client.delete(project.path(f"/bundles/{bundle['id']}"), headers=project.auth)
     assert deleted.status_code == 204
-    assert_error(client.get(url), 404)
-    assert client.head(url).status_code == 404
+    response = httpx.get(url)
+    assert_download_refused(server, response, 404, local="bundle_not_found", s3="NoSuchKey")
+
+
+# The embedded default only: the download route of this server
+
+
+def test_get_serves_the_bundle_as_a_zip(embedded: RunningServer, url: str) -> None:
+    response = httpx.get(url)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/zip"
+    assert response.headers["content-length"] == str(len(CONTENT))
+    assert response.headers["etag"] == f'"{hashlib.sha256(CONTENT).hexdigest()}"'
+
+
+def test_head_has_the_headers_and_no_body(embedded: RunningServer, url: str) -> None:
+    get = httpx.get(url)
+    head = httpx.head(url)
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-type"] == "application/zip"
+    assert head.headers["content-length"] == str(len(CONTENT))
+    assert head.headers["etag"] == get.headers["etag"]
+
+
+def test_head_of_a_deleted_bundle_is_404(
+    embedded: RunningServer, client: httpx.Client, project: Project
+) -> None:
+    bundle = release(client, project)
+    url = download_url(client, project)
+    assert httpx.head(url).status_code == 200
+    deleted = client.delete(project.path(f"/bundles/{bundle['id']}"), headers=project.auth)
+    assert deleted.status_code == 204
+    assert httpx.head(url).status_code == 404

@@ -151,7 +151,7 @@ class Snapshot:
 def snapshot(client: httpx.Client, project: Project, server: RunningServer) -> Snapshot:
     return Snapshot(
         bundles=list_bundles(client, project),
-        stored=files_under(server.settings.data_dir / "bundles"),
+        stored=server.stored_keys(),
     )
 
 
@@ -163,10 +163,6 @@ def assert_nothing_stored(
     assert after.bundles == before.bundles
     assert after.stored == before.stored
     assert files_under(server.settings.data_dir / "tmp") == set()
-
-
-def stored_bytes(server: RunningServer, storage_path: str) -> bytes:
-    return (server.settings.data_dir / "bundles" / storage_path).read_bytes()
 
 
 def read_http_response(sock: socket.socket) -> tuple[bytes, str, dict[str, str], bytes]:
@@ -258,7 +254,7 @@ def test_upload_answers_201_with_exactly_the_bundle_object(
     assert body["created_at"] == body["updated_at"]
 
     # The exact bytes are what is stored, and the staged copy is gone.
-    assert stored_bytes(server, body["storage_path"]) == bundle
+    assert server.read_object(body["storage_path"]) == bundle
     assert files_under(server.settings.data_dir / "tmp") == set()
     assert list_bundles(client, project) == [body]
 
@@ -431,7 +427,7 @@ def test_hand_built_multipart_body_is_accepted(
     )
     assert response.status_code == 201, response.text
     assert response.json()["channel"] == "development"
-    assert stored_bytes(server, response.json()["storage_path"]) == bundle
+    assert server.read_object(response.json()["storage_path"]) == bundle
 
 
 # --- versions ------------------------------------------------------------------------------
@@ -496,7 +492,7 @@ def test_concurrent_uploads_get_distinct_consecutive_versions(
         body = response.json()
         assert body["checksum"] == "sha256:" + hashlib.sha256(bundle).hexdigest()
         assert body["storage_path"] == f"ota/{project.id}/production/v{body['version']}.zip"
-        assert stored_bytes(server, body["storage_path"]) == bundle
+        assert server.read_object(body["storage_path"]) == bundle
     with httpx.Client(base_url=server.base_url) as http:
         assert len(list_bundles(http, project)) == count
 
@@ -510,7 +506,7 @@ def test_a_bundle_exactly_at_the_limit_is_accepted(
     bundle = zip_of_size(LIMIT)
     body = uploaded_bytes(limited_client, limited_project, bundle)
     assert body["file_size"] == LIMIT
-    assert stored_bytes(limited, body["storage_path"]) == bundle
+    assert limited.read_object(body["storage_path"]) == bundle
 
 
 def uploaded_bytes(client: httpx.Client, project: Project, bundle: bytes) -> dict[str, Any]:

@@ -77,5 +77,6 @@ def open_store(settings: Settings) -> BundleStore:
             endpoint=settings.s3_endpoint,
             region=settings.s3_region,
             timeout_seconds=settings.storage_timeout_seconds,
+            credentials=settings.s3_credentials(),
         )
     raise ValueError(f"unsupported KOOLBASE_OTA_STORAGE_URL scheme: {parsed.scheme!r}")

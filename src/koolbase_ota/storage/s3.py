@@ -7,20 +7,15 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import obstore
-from obstore.exceptions import (
-    AlreadyExistsError,
-    BaseError,
-    NotFoundError,
-)
+from obstore.exceptions import AlreadyExistsError, BaseError, NotSupportedError
 from obstore.store import S3Store
 
 from koolbase_ota.errors import StorageUnavailable
-from koolbase_ota.storage import ObjectExists, StoredObject
+from koolbase_ota.storage import ObjectExists, ObjectNotFound, StoredObject
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +38,13 @@ class S3BundleStore:
         timeout_seconds: float = 10.0,
         credentials: dict[str, str] | None = None,
     ) -> None:
+        """`credentials`: access_key_id, secret_access_key and session_token, where given."""
         config: dict[str, Any] = {"region": region}
         if endpoint:
             config["endpoint"] = endpoint
             # Custom endpoints (R2, MinIO, SeaweedFS) address buckets by path.
             config["virtual_hosted_style_request"] = False
-        config.update(credentials if credentials is not None else _credentials_from_env())
+        config.update(credentials or {})
         client_options: dict[str, Any] = {
             "timeout": dt.timedelta(seconds=timeout_seconds),
             "connect_timeout": dt.timedelta(seconds=min(timeout_seconds, 5.0)),
@@ -73,6 +69,7 @@ class S3BundleStore:
                     key,
                     handle,
                     mode="create",
+                    attributes={"Content-Type": "application/zip"},
                     chunk_size=CHUNK_BYTES,
                     max_concurrency=MAX_CONCURRENCY,
                 )
@@ -84,16 +81,25 @@ class S3BundleStore:
     async def copy(self, source_key: str, target_key: str) -> None:
         """Server-side copy; the target must not exist yet."""
         try:
-            await obstore.copy_async(self._store, source_key, target_key, overwrite=False)
+            try:
+                await obstore.copy_async(self._store, source_key, target_key, overwrite=False)
+            except NotSupportedError:
+                # Plain S3 has no copy-if-absent; our keys carry never-reused versions, so
+                # looking first is enough to keep an existing object safe.
+                if await self.exists(target_key):
+                    raise ObjectExists(f"an object is already stored at {target_key}") from None
+                await obstore.copy_async(self._store, source_key, target_key)
         except AlreadyExistsError as exc:
             raise ObjectExists(f"an object is already stored at {target_key}") from exc
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(f"no object at {source_key}") from exc
         except (BaseError, OSError) as exc:
             raise _unavailable("copy the bundle", exc) from exc
 
     async def delete(self, key: str) -> None:
         try:
             await obstore.delete_async(self._store, key)
-        except NotFoundError:
+        except FileNotFoundError:  # obstore's "not found", for keys and buckets alike
             return
         except (BaseError, OSError) as exc:
             raise _unavailable("delete the bundle", exc) from exc
@@ -101,7 +107,7 @@ class S3BundleStore:
     async def exists(self, key: str) -> bool:
         try:
             await obstore.head_async(self._store, key)
-        except NotFoundError:
+        except FileNotFoundError:  # obstore's "not found", for keys and buckets alike
             return False
         except (BaseError, OSError) as exc:
             raise _unavailable("look up the bundle", exc) from exc
@@ -126,20 +132,10 @@ class S3BundleStore:
     async def check(self) -> None:
         try:
             await obstore.head_async(self._store, PROBE_KEY)
-        except NotFoundError:
+        except FileNotFoundError:  # obstore's "not found", for keys and buckets alike
             return  # the bucket answered, with the right credentials
         except (BaseError, OSError) as exc:
             raise _unavailable("reach the object store", exc) from exc
-
-
-def _credentials_from_env() -> dict[str, str]:
-    """The standard AWS variables; obstore would read them too, but we say which we use."""
-    names = {
-        "AWS_ACCESS_KEY_ID": "access_key_id",
-        "AWS_SECRET_ACCESS_KEY": "secret_access_key",
-        "AWS_SESSION_TOKEN": "session_token",
-    }
-    return {option: os.environ[name] for name, option in names.items() if os.environ.get(name)}
 
 
 def _unavailable(action: str, exc: Exception) -> StorageUnavailable:

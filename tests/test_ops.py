@@ -1,0 +1,147 @@
+"""Operations: health, readiness against backends that really fail, metrics, and logs that
+never carry a secret."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Project, RunningServer, make_zip, new_project, released, start_server
+from tests.services import PostgresService, SeaweedService
+from tests.test_cli import create_project
+from tests.test_e2e import auth, serving
+
+
+def test_healthz_says_the_process_is_alive(client: httpx.Client) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_readyz_checks_database_and_store(client: httpx.Client) -> None:
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "checks": {"database": "ok", "storage": "ok"}}
+
+
+def test_metrics_count_requests_by_route_errors_and_uploads(
+    client: httpx.Client, project: Project
+) -> None:
+    released(client, project)
+    assert client.get("/v1/sdk/ota/check", headers=project.key()).status_code == 200
+    assert client.get("/v1/sdk/ota/check", headers={"x-api-key": "pk_live_nope"}).status_code == 401
+    assert client.get(f"/nowhere/{project.id}").status_code == 404
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert (
+        'koolbase_ota_requests_total{method="GET",route="/v1/sdk/ota/check",status="200"}' in text
+    )
+    assert (
+        'koolbase_ota_requests_total{method="GET",route="/v1/sdk/ota/check",status="401"}' in text
+    )
+    # Unknown paths share one label: a scanner cannot blow up the number of series.
+    assert 'route="unmatched",status="404"' in text
+    assert str(project.id) not in text
+    assert 'koolbase_ota_errors_total{code="invalid_api_key"}' in text
+    assert 'koolbase_ota_uploads_total{result="stored"}' in text
+    assert "koolbase_ota_upload_bytes_total" in text
+    assert "koolbase_ota_request_duration_seconds_bucket" in text
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresService]:
+    """A PostgreSQL of this test's own, to stop without disturbing the rest of the suite."""
+    with PostgresService() as service:
+        yield service
+
+
+def test_readyz_is_503_while_the_database_is_down(
+    own_postgres: PostgresService, tmp_path: Path
+) -> None:
+    server = start_server(
+        tmp_path, database_url=own_postgres.create_database(), database_timeout_seconds=2
+    )
+    try:
+        with httpx.Client(base_url=server.base_url, timeout=30) as client:
+            assert client.get("/readyz").status_code == 200
+            own_postgres.stop()
+            response = client.get("/readyz")
+            assert response.status_code == 503
+            assert response.json()["checks"] == {"database": "unavailable", "storage": "ok"}
+            assert client.get("/healthz").status_code == 200
+            own_postgres.start()
+            assert client.get("/readyz").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_readyz_is_503_while_the_store_hangs(tmp_path: Path) -> None:
+    with SeaweedService() as seaweed:
+        server = start_server(
+            tmp_path,
+            storage_url=f"s3://{seaweed.bucket}/ready",
+            s3_endpoint=seaweed.endpoint,
+            s3_region=seaweed.region,
+            aws_access_key_id=seaweed.access_key,
+            aws_secret_access_key=seaweed.secret_key,
+            storage_timeout_seconds=1,
+        )
+        try:
+            with httpx.Client(base_url=server.base_url, timeout=60) as client:
+                assert client.get("/readyz").status_code == 200
+                seaweed.pause()
+                try:
+                    response = client.get("/readyz")
+                finally:
+                    seaweed.resume()
+                assert response.status_code == 503
+                assert response.json()["checks"] == {"database": "ok", "storage": "unavailable"}
+        finally:
+            server.stop()
+
+
+def test_json_logs_carry_no_token_key_or_signature(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    project = create_project(data_dir)
+    token = project["dashboard_token"]
+    key = project["public_keys"]["production"]
+    path = f"/v1/projects/{project['project_id']}/ota"
+    with serving(data_dir, "json", env={"KOOLBASE_OTA_LOG_FORMAT": "json"}) as server:
+        with httpx.Client(base_url=server.base_url, timeout=30) as client:
+            bundle = client.post(
+                path + "/upload",
+                headers=auth(token),
+                files={"bundle": ("b.zip", make_zip(), "application/zip")},
+            ).json()
+            client.post(f"{path}/bundles/{bundle['id']}/activate", headers=auth(token))
+            offer = client.get("/v1/sdk/ota/check", headers={"x-api-key": key}).json()
+            assert client.get(offer["download_url"]).status_code == 200
+            # Secrets in the wrong places, where a careless log line would pick them up.
+            client.get(f"/v1/sdk/ota/check?key={key}&token={token}")
+            client.get(path + "/bundles", headers=auth(token + "x"))
+        log = server.log()
+    signature = offer["download_url"].split("signature=")[1]
+    lines = [line for line in log.splitlines() if line.strip()]
+    assert lines
+    entries = [json.loads(line) for line in lines]
+    assert all({"time", "level", "logger", "message"} <= set(entry) for entry in entries)
+    assert any("/v1/sdk/ota/check" in entry["message"] for entry in entries)
+    for secret in (token, key, signature):
+        assert secret not in log
+
+
+def test_each_backend_pair_serves_the_whole_flow(server: RunningServer) -> None:
+    """The smallest proof the `backend` fixture really switches backends."""
+    db_kind = server.db.engine.dialect.name
+    assert db_kind == ("sqlite" if server.backend == "sqlite-local" else "postgresql")
+    assert server.serves_downloads == (server.backend == "sqlite-local")
+    project = new_project(server.db)
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+        bundle = released(client, project)
+    assert bundle["storage_path"] in server.stored_keys()
