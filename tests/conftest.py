@@ -298,6 +298,19 @@ def released(client: httpx.Client, project: Project, **fields: str) -> dict[str,
     return body
 
 
+#: The bound within which a change made elsewhere reaches a server's cached check answers.
+PROPAGATION_SECONDS = 1.0
+
+
+def eventually(probe: Callable[[], bool], what: str, within: float = PROPAGATION_SECONDS) -> None:
+    """Wait until `probe()` holds, failing once `within` seconds have passed."""
+    deadline = time.monotonic() + within
+    while not probe():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not take effect within {within} s")
+        time.sleep(0.02)
+
+
 def assert_error(response: httpx.Response, status: int, code: str | None = None) -> None:
     """Every error is `{"error": str, "code": str}` as JSON with the expected status."""
     assert response.status_code == status, response.text

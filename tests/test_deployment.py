@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from functools import partial
@@ -19,13 +18,18 @@ from alembic.script import ScriptDirectory
 
 from koolbase_ota.db import alembic_config
 from koolbase_ota.projects import service as projects
-from tests.conftest import make_zip, new_project, released, start_server, uploaded
+from tests.conftest import (
+    eventually,
+    make_zip,
+    new_project,
+    released,
+    start_server,
+    uploaded,
+)
 from tests.services import PostgresService, SeaweedService
 from tests.test_cli import cli_env, run_cli
 from tests.test_e2e import Server, auth, launch, serving, stop, wait_until_answering
 
-#: The bound the deployment guide promises for a change to reach every process.
-PROPAGATION_SECONDS = 1.0
 CHECK = "/v1/sdk/ota/check"
 
 
@@ -64,16 +68,6 @@ def _project(servers: tuple[Server, Server]) -> dict[str, Any]:
     return found[0]
 
 
-def _eventually(probe: Callable[[], bool], what: str) -> float:
-    """Seconds until `probe()` holds; fails past the promised propagation bound."""
-    started = time.monotonic()
-    while not probe():
-        if time.monotonic() - started > PROPAGATION_SECONDS:
-            pytest.fail(f"{what} was not seen within {PROPAGATION_SECONDS} s")
-        time.sleep(0.02)
-    return time.monotonic() - started
-
-
 def _upload(base_url: str, project: dict[str, Any], **fields: str) -> httpx.Response:
     return httpx.post(
         f"{base_url}/v1/projects/{project['project_id']}/ota/upload",
@@ -107,7 +101,7 @@ def test_two_processes_behave_as_one_server(two_servers: tuple[Server, Server]) 
     assert activated.status_code == 200, activated.text
 
     # Activated through B: A's check offers it, presigned by the store, not proxied by us.
-    _eventually(lambda: _check(a.base_url, key).json().get("has_update") is True, "activation")
+    eventually(lambda: _check(a.base_url, key).json().get("has_update") is True, "activation")
     offer = _check(a.base_url, key).json()
     assert not offer["download_url"].startswith(a.base_url)
     body = httpx.get(offer["download_url"], timeout=10).content
@@ -118,12 +112,12 @@ def test_two_processes_behave_as_one_server(two_servers: tuple[Server, Server]) 
         f"{a.base_url}{path}/bundles/{bundle['id']}", headers=headers, json={"mandatory": True}
     )
     assert patched.status_code == 200
-    _eventually(lambda: _check(b.base_url, key).json().get("mandatory") is True, "mandatory")
+    eventually(lambda: _check(b.base_url, key).json().get("mandatory") is True, "mandatory")
 
     # Deleted through B: A's check has nothing to offer, and the old URL stops working.
     deleted = httpx.delete(f"{b.base_url}{path}/bundles/{bundle['id']}", headers=headers)
     assert deleted.status_code == 204
-    _eventually(lambda: _check(a.base_url, key).json() == {"has_update": False}, "delete")
+    eventually(lambda: _check(a.base_url, key).json() == {"has_update": False}, "delete")
     assert httpx.get(offer["download_url"], timeout=10).status_code == 404
 
 
@@ -152,7 +146,7 @@ def test_key_rotation_and_token_revocation_reach_every_process(
     assert rotated.returncode == 0, rotated.stderr
     new_key = rotated.json()["public_key"]
     for url in (a.base_url, b.base_url):
-        _eventually(partial(_answers, _check, url, old_key, status=401), "rotation")
+        eventually(partial(_answers, _check, url, old_key, status=401), "rotation")
         assert _check(url, new_key).status_code == 200
 
     created = run_cli(
@@ -167,7 +161,7 @@ def test_key_rotation_and_token_revocation_reach_every_process(
     assert revoked.returncode == 0, revoked.stderr
     for url in (a.base_url, b.base_url):
         probe = partial(_answers, _list, url + listing, token["dashboard_token"], status=401)
-        _eventually(probe, "revocation")
+        eventually(probe, "revocation")
 
 
 def _list(url: str, token: str) -> httpx.Response:

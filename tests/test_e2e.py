@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -19,7 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import BUNDLE_FIELDS, OFFER_FIELDS
+from tests.api.test_upload import read_http_response
+from tests.conftest import BUNDLE_FIELDS, OFFER_FIELDS, eventually
 from tests.test_cli import CONSOLE_SCRIPT, cli_env, mode, query, run_cli
 
 START_TIMEOUT_SECONDS = 20
@@ -273,7 +275,9 @@ def test_cli_token_works_at_once_and_revoking_it_refuses_it_at_once(
     assert http.get(bundles, headers=first_start.auth).status_code == 200
 
 
-def test_cli_key_rotate_takes_effect_at_once(first_start: FirstStart, http: httpx.Client) -> None:
+def test_cli_key_rotate_takes_effect_within_the_refresh_bound(
+    first_start: FirstStart, http: httpx.Client
+) -> None:
     old = first_start.key("staging")
     assert http.get("/v1/sdk/ota/check", headers=old).status_code == 200
 
@@ -285,6 +289,9 @@ def test_cli_key_rotate_takes_effect_at_once(first_start: FirstStart, http: http
     assert rotated.returncode == 0, rotated.stderr
     new = {"x-api-key": rotated.json()["public_key"]}
 
+    # The CLI is another process: the server's cached check sees the change on its next
+    # refresh of the change log, within the documented bound.
+    eventually(lambda: http.get("/v1/sdk/ota/check", headers=old).status_code == 401, "rotation")
     assert_error(http.get("/v1/sdk/ota/check", headers=old), 401)
     assert http.get("/v1/sdk/ota/check", headers=new).json() == {"has_update": False}
     assert http.get("/v1/sdk/ota/check", headers=first_start.key("production")).status_code == 200
@@ -312,7 +319,7 @@ def test_restart_keeps_the_project_and_its_credentials(tmp_path: Path) -> None:
 
 
 def worker_pids(log: str) -> set[int]:
-    return {int(pid) for pid in re.findall(r"Started server process \[(\d+)\]", log)}
+    return {int(pid) for pid in re.findall(r"Spawning worker-\d+ with PID: (\d+)", log)}
 
 
 def test_two_workers_serve_a_project_made_with_the_cli(tmp_path: Path) -> None:
@@ -324,7 +331,7 @@ def test_two_workers_serve_a_project_made_with_the_cli(tmp_path: Path) -> None:
 
     with serving(data_dir, "workers", "--workers", "2") as server:
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while len(worker_pids(server.log())) < 2 and time.monotonic() < deadline:
+        while server.log().count("Started worker-") < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         pids = worker_pids(server.log())
         assert len(pids) == 2, server.log()
@@ -344,3 +351,61 @@ def test_two_workers_serve_a_project_made_with_the_cli(tmp_path: Path) -> None:
     while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+
+
+def test_the_real_server_answers_413_before_and_during_the_body(tmp_path: Path) -> None:
+    """The HTTP server we ship (not the test harness's) delivers the 413 to real clients."""
+    data_dir = tmp_path / "data"
+    limit = 64 * 1024
+    with serving(data_dir, "limit", env={"KOOLBASE_OTA_MAX_BUNDLE_BYTES": str(limit)}) as server:
+        credentials = server.credentials()
+        path = f"/v1/projects/{credentials['project_id']}/ota/upload"
+        host, port = server.base_url.removeprefix("http://").split(":")
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {credentials['dashboard_token']}\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\n"
+            f"Content-Length: {1024**4}\r\nExpect: 100-continue\r\n\r\n"
+        ).encode()
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(head)  # never a byte of the body
+            raw, status_line, _, body = read_http_response(sock)
+        assert status_line.startswith("HTTP/1.1 413"), raw[:200]
+        assert b"100 Continue" not in raw
+        assert json.loads(body)["code"] == "bundle_too_large"
+
+        bundle = tmp_path / "big.zip"
+        with zipfile.ZipFile(bundle, "w", zipfile.ZIP_STORED) as archive:
+            archive.writestr("blob.bin", b"\0" * (4 * limit))
+        curl = shutil.which("curl")
+        assert curl is not None
+        for extra in ([], ["-H", "Transfer-Encoding: chunked"]):
+            result = subprocess.run(
+                [
+                    curl,
+                    "-sS",
+                    "--max-time",
+                    "20",
+                    "-w",
+                    "\n%{http_code}",
+                    "-H",
+                    f"Authorization: Bearer {credentials['dashboard_token']}",
+                    *extra,
+                    "-F",
+                    f"bundle=@{bundle}",
+                    server.base_url + path,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            assert result.returncode == 0, result.stderr
+            answer, _, status = result.stdout.rpartition("\n")
+            assert status == "413"
+            assert json.loads(answer)["code"] == "bundle_too_large"
+        listing = httpx.get(
+            f"{server.base_url}/v1/projects/{credentials['project_id']}/ota/bundles",
+            headers=auth(credentials["dashboard_token"]),
+        )
+        assert listing.json() == []

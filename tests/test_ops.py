@@ -112,7 +112,8 @@ def test_json_logs_carry_no_token_key_or_signature(tmp_path: Path) -> None:
     token = project["dashboard_token"]
     key = project["public_keys"]["production"]
     path = f"/v1/projects/{project['project_id']}/ota"
-    with serving(data_dir, "json", env={"KOOLBASE_OTA_LOG_FORMAT": "json"}) as server:
+    env = {"KOOLBASE_OTA_LOG_FORMAT": "json", "KOOLBASE_OTA_ACCESS_LOG": "true"}
+    with serving(data_dir, "json", env=env) as server:
         with httpx.Client(base_url=server.base_url, timeout=30) as client:
             bundle = client.post(
                 path + "/upload",

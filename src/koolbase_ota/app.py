@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
 from koolbase_ota import __version__
 from koolbase_ota.bundles.router import router as bundles_router
@@ -15,31 +18,54 @@ from koolbase_ota.deps import AppContext
 from koolbase_ota.error_handlers import install_error_handlers
 from koolbase_ota.ops import MetricsMiddleware
 from koolbase_ota.ops import router as ops_router
+from koolbase_ota.sdk.cache import CheckCache
+from koolbase_ota.sdk.check import CheckEndpoint, is_check
 from koolbase_ota.sdk.check import router as check_router
 from koolbase_ota.sdk.downloads import router as downloads_router
 from koolbase_ota.storage import open_store
 
 
-def create_app(settings: Settings) -> FastAPI:
+class OTAApp(FastAPI):
+    """FastAPI, with the SDK check answered in front of it: the hot path skips the framework."""
+
+    check_endpoint: CheckEndpoint | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.check_endpoint is not None and is_check(scope):
+            await self.check_endpoint(scope, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def create_app(settings: Settings) -> OTAApp:
     """The app for `settings`; nothing is created at import time, so tests can build many."""
     settings = settings.resolved()
     db = Database(
         create_db_engine(settings.database_url, timeout_seconds=settings.database_timeout_seconds)
     )
     store = open_store(settings)
+    cache = CheckCache(db=db, store=store, url_ttl_seconds=settings.url_ttl_seconds)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        yield
-        db.dispose()
+        await cache.start()
+        refresher = asyncio.create_task(cache.run(every_seconds=settings.cache_refresh_seconds))
+        try:
+            yield
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+            db.dispose()
 
-    app = FastAPI(
+    app = OTAApp(
         title="koolbase-ota",
         version=__version__,
         description="Self-hostable over-the-air update server for Flutter apps.",
         lifespan=lifespan,
     )
-    app.state.context = AppContext(settings=settings, db=db, store=store)
+    app.state.context = AppContext(settings=settings, db=db, store=store, check_cache=cache)
+    app.check_endpoint = CheckEndpoint(cache)
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware)
     app.include_router(ops_router)
@@ -49,6 +75,6 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-def create_app_from_env() -> FastAPI:
+def create_app_from_env() -> OTAApp:
     """Entry point for server workers: each reads the same environment the CLI was given."""
     return create_app(Settings())

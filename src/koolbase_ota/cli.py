@@ -21,7 +21,7 @@ from koolbase_ota.clock import rfc3339
 from koolbase_ota.config import Settings
 from koolbase_ota.db import Database, create_db_engine, migration_lock, upgrade_schema
 from koolbase_ota.errors import OTAError
-from koolbase_ota.logs import logging_config
+from koolbase_ota.logs import ACCESS_LOG_FORMAT, logging_config
 from koolbase_ota.projects import service as projects
 from koolbase_ota.projects.models import DashboardToken
 from koolbase_ota.projects.service import CreatedProject
@@ -95,7 +95,8 @@ def ensure_default_project(settings: Settings, db: Database) -> Path | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
+    from granian.constants import Interfaces
+    from granian.server import Server
 
     settings = _settings()
     db = _database(settings, announce=True)
@@ -109,18 +110,27 @@ def cmd_serve(args: argparse.Namespace) -> None:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir(mode=0o700)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    logger.info("serving on http://%s:%s (data in %s)", args.host, args.port, settings.data_dir)
-    uvicorn.run(
+    logger.info(
+        "serving on http://%s:%s with %d worker(s) (data in %s)",
+        args.host,
+        args.port,
+        args.workers,
+        settings.data_dir,
+    )
+    # Granian: a Rust HTTP server that runs the ASGI app with far less overhead per request
+    # than a pure-Python one, and sends files without copying them through Python.
+    Server(
         "koolbase_ota.app:create_app_from_env",
         factory=True,
-        host=args.host,
+        interface=Interfaces.ASGI,
+        address=args.host,
         port=args.port,
         workers=args.workers,
-        proxy_headers=False,
-        server_header=False,
-        timeout_graceful_shutdown=10,
-        log_config=logging_config(settings.log_format),
-    )
+        log_dictconfig=logging_config(settings.log_format),
+        log_access=settings.access_log,
+        log_access_format=ACCESS_LOG_FORMAT,
+        workers_kill_timeout=10,
+    ).serve()
 
 
 def cmd_project_create(args: argparse.Namespace) -> None:

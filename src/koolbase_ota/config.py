@@ -30,11 +30,15 @@ class Settings(BaseSettings):
     # How long a backend may take before the request fails instead of waiting forever.
     database_timeout_seconds: float = Field(default=10.0, gt=0)
     storage_timeout_seconds: float = Field(default=10.0, gt=0)
+    # How often each process reads the change log; a change reaches every process within it.
+    cache_refresh_seconds: float = Field(default=0.2, ge=0.01, le=1.0)
     # S3-compatible storage (KOOLBASE_OTA_STORAGE_URL=s3://bucket/prefix); credentials come from
     # the standard AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN.
     s3_endpoint: str = ""
     s3_region: str = "auto"
     log_format: Literal["text", "json"] = "text"
+    # One log line per request; off by default, since /metrics counts requests for free.
+    access_log: bool = False
     # The standard AWS variable names, without our prefix, as every S3 tool reads them.
     aws_access_key_id: str = Field(
         default="", validation_alias=AliasChoices("aws_access_key_id", "AWS_ACCESS_KEY_ID")

@@ -14,6 +14,7 @@ from koolbase_ota.config import Settings
 from koolbase_ota.db import Database
 from koolbase_ota.errors import NotFound, Unauthorized
 from koolbase_ota.projects import service as projects
+from koolbase_ota.sdk.cache import CheckCache
 from koolbase_ota.storage import BundleStore
 
 
@@ -24,6 +25,7 @@ class AppContext:
     settings: Settings
     db: Database
     store: BundleStore
+    check_cache: CheckCache
 
 
 def get_context(request: Request) -> AppContext:

@@ -54,6 +54,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+#: One line per request: never the query string, where download URLs carry their signature.
+ACCESS_LOG_FORMAT = '%(addr)s "%(method)s %(path)s %(protocol)s" %(status)d %(dt_ms).3fms'
+
+
 def logging_config(log_format: str = "text", level: str = "INFO") -> dict[str, Any]:
     """A `logging.config.dictConfig` for our loggers and uvicorn's, used by the CLI and workers."""
     formatter = (
@@ -77,6 +81,8 @@ def logging_config(log_format: str = "text", level: str = "INFO") -> dict[str, A
             "koolbase_ota": {"level": level, "handlers": ["default"], "propagate": False},
             "uvicorn": {"level": level, "handlers": ["default"], "propagate": False},
             "uvicorn.access": {"level": level, "handlers": ["default"], "propagate": False},
+            "_granian": {"level": level, "handlers": ["default"], "propagate": False},
+            "granian.access": {"level": level, "handlers": ["default"], "propagate": False},
             "alembic": {"level": "WARNING", "handlers": ["default"], "propagate": False},
         },
         "root": {"level": "WARNING", "handlers": ["default"]},

@@ -17,6 +17,7 @@ from sqlalchemy import func, insert, select
 import koolbase_ota.bundles.models
 import koolbase_ota.projects.models  # noqa: F401  (registers every table on the metadata)
 from koolbase_ota.bundles.models import Bundle, PendingObject
+from koolbase_ota.changes import ChangeEvent
 from koolbase_ota.db import Base, Database
 from koolbase_ota.errors import InvalidInput
 from koolbase_ota.projects.models import Project
@@ -88,9 +89,9 @@ async def move_install(
 
     # 2. Rows, parents before children, in one transaction: all of them or none.
     def copy_rows() -> None:
-        tables = [
-            table for table in Base.metadata.sorted_tables if table is not PendingObject.__table__
-        ]
+        # Pending objects belong to the old store, change events to the old processes' caches.
+        skipped = {PendingObject.__tablename__, ChangeEvent.__tablename__}
+        tables = [table for table in Base.metadata.sorted_tables if table.name not in skipped]
         with source_db.read() as source, target_db.write() as target:
             for table in tables:
                 rows = [dict(row) for row in source.execute(select(table)).mappings()]

@@ -21,6 +21,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from koolbase_ota.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
 BUNDLE_FIELD = "bundle"
+_FEED_BYTES = 1024 * 1024
 MAX_FIELD_BYTES = 64 * 1024
 MAX_PARTS = 32
 #: What the form may add to the bundle's bytes: boundaries, part headers, small fields.
@@ -195,9 +196,19 @@ async def read_upload_form(
     reader = _FormReader(max_bundle_bytes=max_bundle_bytes, tmp_dir=tmp_dir, staged=staged)
     parser = MultipartParser(boundary, reader.callbacks())  # type: ignore[arg-type]
     try:
+        # The server hands the body over in small pieces; the parser's cost is per call, so
+        # feed it up to a megabyte at a time, and never much past the size limit.
+        feed_bytes = min(_FEED_BYTES, max(16 * 1024, max_bundle_bytes // 4))
+        pending: list[bytes] = []
+        pending_bytes = 0
         async for chunk in chunks:
-            if chunk:
-                parser.write(chunk)
+            pending.append(chunk)
+            pending_bytes += len(chunk)
+            if pending_bytes >= feed_bytes:
+                parser.write(b"".join(pending))
+                pending, pending_bytes = [], 0
+        if pending_bytes:
+            parser.write(b"".join(pending))
         parser.finalize()
         if not reader.finished:
             raise InvalidInput("the multipart body ended early", code="invalid_multipart")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
+from urllib.parse import urlencode
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import WithJsonSchema
 from starlette.concurrency import run_in_threadpool
 
 from koolbase_ota.bundles import service
@@ -84,16 +86,80 @@ async def upload_bundle(request: Request, project_id: ProjectDep, context: Conte
     return BundleOut.of(bundle)
 
 
+_PAGE_HEADERS = {
+    "X-Next-Cursor": {
+        "description": "Sent on a paginated answer when more bundles follow: the `cursor` of "
+        "the next page. The last page has none.",
+        "schema": {"type": "string"},
+    },
+    "Link": {
+        "description": 'With `X-Next-Cursor`: `<URL of the next page>; rel="next"`.',
+        "schema": {"type": "string"},
+    },
+}
+
+# Documented as the integer it must be, but parsed by the route so that a bad value gets our
+# own 400 `invalid_limit` rather than the generic validation error.
+_LimitText = Annotated[
+    str, WithJsonSchema({"type": "integer", "minimum": 1, "maximum": service.MAX_PAGE_SIZE})
+]
+
+
 @router.get(
     "/bundles",
     response_model=list[BundleOut],
-    responses=_ERRORS,
+    responses={
+        **_ERRORS,
+        200: {
+            "description": "The bundles, by channel, newest version first: all of them, or one "
+            "page when `limit` or `cursor` is given.",
+            "headers": _PAGE_HEADERS,
+        },
+    },
     summary="List all bundles for a project",
 )
-def list_bundles(project_id: ProjectDep, context: ContextDep) -> list[BundleOut]:
-    return [
-        BundleOut.of(bundle) for bundle in service.list_bundles(context.db, project_id=project_id)
-    ]
+def list_bundles(
+    request: Request,
+    response: Response,
+    project_id: ProjectDep,
+    context: ContextDep,
+    limit: Annotated[
+        _LimitText | None,
+        Query(
+            description="Optional pagination: answer at most this many bundles (1 to "
+            f"{service.MAX_PAGE_SIZE}). Without `limit` and `cursor` the whole list is answered.",
+        ),
+    ] = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            description="The `X-Next-Cursor` of the previous page; opaque. Empty means the "
+            f"first page. Alone, it pages by {service.DEFAULT_PAGE_SIZE}.",
+        ),
+    ] = None,
+) -> list[BundleOut]:
+    if limit is None and cursor is None:
+        bundles = service.list_bundles(context.db, project_id=project_id)
+        return [BundleOut.of(bundle) for bundle in bundles]
+    size = _page_size(limit)
+    page = service.list_bundle_page(context.db, project_id=project_id, limit=size, cursor=cursor)
+    if page.next_cursor is not None:
+        query = urlencode({"limit": size, "cursor": page.next_cursor})
+        next_url = f"{context.settings.public_url}{request.url.path}?{query}"
+        response.headers["X-Next-Cursor"] = page.next_cursor
+        response.headers["Link"] = f'<{next_url}>; rel="next"'
+    return [BundleOut.of(bundle) for bundle in page.bundles]
+
+
+def _page_size(raw: str | None) -> int:
+    """The `limit` query parameter: plain decimal digits; the service checks the range."""
+    if raw is None:
+        return service.DEFAULT_PAGE_SIZE
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 7):
+        raise InvalidInput(
+            f"limit must be a whole number from 1 to {service.MAX_PAGE_SIZE}", code="invalid_limit"
+        )
+    return int(raw)
 
 
 @router.post(
@@ -102,10 +168,15 @@ def list_bundles(project_id: ProjectDep, context: ContextDep) -> list[BundleOut]
     responses=_ERRORS,
     summary="Activate a bundle (makes it the active version for its channel)",
 )
-def activate_bundle(bundle_id: str, project_id: ProjectDep, context: ContextDep) -> BundleOut:
-    bundle = service.activate_bundle(
-        context.db, project_id=project_id, bundle_id=parse_id(bundle_id, what="bundle")
+async def activate_bundle(bundle_id: str, project_id: ProjectDep, context: ContextDep) -> BundleOut:
+    bundle = await run_in_threadpool(
+        service.activate_bundle,
+        context.db,
+        project_id=project_id,
+        bundle_id=parse_id(bundle_id, what="bundle"),
     )
+    # This process's checks see the change at once; the others within their refresh interval.
+    await context.check_cache.refresh()
     return BundleOut.of(bundle)
 
 
@@ -133,6 +204,7 @@ async def set_mandatory(
         bundle_id=parsed_id,
         mandatory=mandatory,
     )
+    await context.check_cache.refresh()
     return BundleOut.of(bundle)
 
 
@@ -169,4 +241,5 @@ async def delete_bundle(bundle_id: str, project_id: ProjectDep, context: Context
         project_id=project_id,
         bundle_id=parse_id(bundle_id, what="bundle"),
     )
+    await context.check_cache.refresh()
     return Response(status_code=204)

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
+import json
 import logging
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import anyio.to_thread
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeout
 from sqlalchemy.orm import Session
 
+from koolbase_ota import changes
 from koolbase_ota.bundles.models import Bundle, PendingObject
 from koolbase_ota.bundles.multipart import StagedUpload
 from koolbase_ota.bundles.validation import ZipLimits, validate_zip
@@ -185,6 +190,96 @@ def list_bundles(db: Database, *, project_id: uuid.UUID) -> list[Bundle]:
         return list(session.scalars(query))
 
 
+#: The largest page a client may ask for, and the page size when only a cursor is given.
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+_MAX_CURSOR_CHARS = 200  # a real cursor is far shorter; longer input is not ours
+_MAX_VERSION = 2**31 - 1  # the column is a 32-bit integer
+
+
+@dataclass(frozen=True)
+class BundlePage:
+    """One page of the list, and the cursor of the next page when more bundles remain."""
+
+    bundles: list[Bundle]
+    next_cursor: str | None
+
+
+def encode_cursor(*, channel: str, version: int) -> str:
+    """The opaque position just after (channel, version) in the list's order."""
+    raw = json.dumps([channel, version], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[str, int]:
+    """The (channel, version) a cursor points after; anything not in our exact form is refused."""
+    invalid = InvalidInput("the cursor is malformed; ask again without it", code="invalid_cursor")
+    if len(cursor) > _MAX_CURSOR_CHARS or not cursor.isascii():
+        raise invalid
+    try:
+        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
+        channel, version = json.loads(raw)
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise invalid from exc
+    if (
+        not isinstance(channel, str)
+        or not 0 < len(channel) <= 50
+        or type(version) is not int
+        or not 0 <= version <= _MAX_VERSION
+        # Only the exact text we hand out: other paddings, alphabets or spacings are not ours.
+        or encode_cursor(channel=channel, version=version) != cursor
+    ):
+        raise invalid
+    return channel, version
+
+
+def list_bundle_page(
+    db: Database, *, project_id: uuid.UUID, limit: int, cursor: str | None = None
+) -> BundlePage:
+    """Up to `limit` bundles in the list's order, starting after `cursor` when one is given.
+
+    A keyset walk, one channel at a time: each step is a range scan of the unique index on
+    (project_id, channel, version), read backwards, so a page deep in a long list costs what the
+    first page costs (one query when the page lies within a channel). A single query ordered by
+    `channel ASC, version DESC` cannot use that ascending index for both columns and would sort
+    the rest of the channel for every page.
+    """
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise InvalidInput(f"limit must be 1 to {MAX_PAGE_SIZE}", code="invalid_limit")
+    wanted = limit + 1  # one more than asked for tells whether another page follows
+    found: list[Bundle] = []
+    channel: str | None
+    below: int | None
+    with db.read() as session:
+        if cursor:
+            channel, below = decode_cursor(cursor)
+        else:
+            channel, below = _next_channel(session, project_id=project_id, after=None), None
+        while channel is not None and len(found) < wanted:
+            query = select(Bundle).where(Bundle.project_id == project_id, Bundle.channel == channel)
+            if below is not None:
+                query = query.where(Bundle.version < below)
+            query = query.order_by(Bundle.version.desc()).limit(wanted - len(found))
+            found.extend(session.scalars(query))
+            if len(found) < wanted:
+                channel, below = _next_channel(session, project_id=project_id, after=channel), None
+    page = found[:limit]
+    if len(found) <= limit:
+        return BundlePage(bundles=page, next_cursor=None)
+    last = page[-1]
+    return BundlePage(
+        bundles=page, next_cursor=encode_cursor(channel=last.channel, version=last.version)
+    )
+
+
+def _next_channel(session: Session, *, project_id: uuid.UUID, after: str | None) -> str | None:
+    """The first channel after `after` (or the first at all) that holds bundles of the project."""
+    query = select(func.min(Bundle.channel)).where(Bundle.project_id == project_id)
+    if after is not None:
+        query = query.where(Bundle.channel > after)
+    return session.scalar(query)
+
+
 def _bundle(session: Session, *, project_id: uuid.UUID, bundle_id: uuid.UUID) -> Bundle:
     bundle = session.scalar(
         select(Bundle).where(Bundle.id == bundle_id, Bundle.project_id == project_id)
@@ -218,6 +313,7 @@ def activate_bundle(db: Database, *, project_id: uuid.UUID, bundle_id: uuid.UUID
         bundle.updated_at = now
         if bundle.released_at is None:
             bundle.released_at = now
+        changes.record(session, project_id=project_id, kind=changes.BUNDLES, channel=bundle.channel)
     return bundle
 
 
@@ -229,6 +325,7 @@ def set_mandatory(
         bundle = _bundle(session, project_id=project_id, bundle_id=bundle_id)
         bundle.mandatory = (not bundle.mandatory) if mandatory is None else mandatory
         bundle.updated_at = _later(bundle.updated_at)
+        changes.record(session, project_id=project_id, kind=changes.BUNDLES, channel=bundle.channel)
     return bundle
 
 
@@ -244,6 +341,9 @@ async def delete_bundle(
             bundle = _bundle(session, project_id=project_id, bundle_id=bundle_id)
             path = bundle.storage_path
             session.delete(bundle)
+            changes.record(
+                session, project_id=project_id, kind=changes.BUNDLES, channel=bundle.channel
+            )
             session.merge(PendingObject(storage_path=path, reason="delete", created_at=utcnow()))
             return path
 

@@ -6,6 +6,7 @@ from alembic import context
 from sqlalchemy import create_engine
 
 import koolbase_ota.bundles.models
+import koolbase_ota.changes
 import koolbase_ota.projects.models  # noqa: F401  (registers the tables on the metadata)
 from koolbase_ota.db import Base, normalise_url
 

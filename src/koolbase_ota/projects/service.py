@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from koolbase_ota import changes
 from koolbase_ota.config import CHANNELS
 from koolbase_ota.db import Database, utcnow
 from koolbase_ota.errors import InvalidInput, NotFound, Unauthorized
@@ -68,6 +69,8 @@ def create_project(db: Database, *, name: str) -> CreatedProject:
         for channel in CHANNELS:
             session.add(Channel(project_id=project.id, name=channel, last_version=0))
         token_row = _add_token(session, project_id=project.id, token=token, expires_at=None)
+        # New keys: processes that cached them as unknown must look again.
+        changes.record(session, project_id=project.id, kind=changes.KEYS)
     return CreatedProject(
         project=project, dashboard_token=token, token_id=token_row.id, public_keys=keys
     )
@@ -136,6 +139,7 @@ def revoke_token(db: Database, *, token_id: uuid.UUID) -> DashboardToken:
             raise NotFound("token not found", code="token_not_found")
         if row.revoked_at is None:
             row.revoked_at = utcnow()
+            changes.record(session, project_id=row.project_id, kind=changes.TOKENS)
     return row
 
 
@@ -154,6 +158,7 @@ def rotate_key(db: Database, *, project_id: uuid.UUID, environment: str) -> str:
         )
         if result.rowcount != 1:  # type: ignore[attr-defined]
             raise NotFound("project or environment not found", code="environment_not_found")
+        changes.record(session, project_id=project_id, kind=changes.KEYS)
     return key
 
 

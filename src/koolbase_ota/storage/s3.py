@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 5 * 1024 * 1024
 MAX_CONCURRENCY = 2
 PROBE_KEY = ".koolbase-ota-readyz"
+_ZIP: dict[str, str] = {"Content-Type": "application/zip"}
 
 
 class S3BundleStore:
@@ -61,15 +62,35 @@ class S3BundleStore:
         )
 
     async def put_file(self, key: str, source: Path) -> None:
+        """Store create-only, holding at most a few parts of the file in memory.
+
+        A conditional (`If-None-Match: *`) write is one PUT with the whole body in memory, so
+        only files up to one part go that way. Bigger ones stream as a multipart upload, which
+        S3 cannot make conditional; they are checked for first instead. Our keys carry versions
+        that are never given out twice, so the check only has to catch a misconfiguration (two
+        installs sharing one prefix), never a race of our own.
+        """
+        size = source.stat().st_size
         try:
-            # A file object streams in parts: a 50 MiB bundle never sits in memory whole.
             with open(source, "rb") as handle:
+                if size <= CHUNK_BYTES:
+                    await obstore.put_async(
+                        self._store,
+                        key,
+                        handle,
+                        mode="create",
+                        attributes=_ZIP,
+                        use_multipart=False,
+                    )
+                    return
+                if await self.exists(key):
+                    raise ObjectExists(f"an object is already stored at {key}")
                 await obstore.put_async(
                     self._store,
                     key,
                     handle,
-                    mode="create",
-                    attributes={"Content-Type": "application/zip"},
+                    attributes=_ZIP,
+                    use_multipart=True,
                     chunk_size=CHUNK_BYTES,
                     max_concurrency=MAX_CONCURRENCY,
                 )

@@ -1,0 +1,124 @@
+"""The SDK check against nginx serving the identical response bytes, side by side in one run.
+
+Target (issue 4): with 2 server processes and wrk (2 threads, 64 connections) on this machine,
+the check reaches at least 0.6 times nginx's requests per second, with no errors and p99 under
+5 ms; the `has_update: false` path and a 401 for an unknown key are at least as fast. Run from
+the repository root:
+
+    .venv/bin/python bench/check.py [--seconds 10] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import common
+import httpx
+
+TARGET_RATIO = 0.6
+TARGET_P99_MS = 5.0
+
+
+@dataclass
+class Case:
+    name: str
+    path: str
+    headers: tuple[str, ...]
+    status: int
+
+
+def publish(server: common.OtaServer) -> common.Project:
+    """A project with one active bundle on production and nothing on staging."""
+    project = server.create_project("bench-check")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("config.json", '{"banner": "hello"}')
+    api = f"{server.base_url}/v1/projects/{project.project_id}/ota"
+    auth = {"Authorization": f"Bearer {project.dashboard_token}"}
+    with httpx.Client(timeout=60) as client:
+        uploaded = client.post(
+            f"{api}/upload",
+            headers=auth,
+            files={"bundle": ("bundle.zip", buffer.getvalue(), "application/zip")},
+            data={"release_notes": "Updated banner and config"},
+        )
+        uploaded.raise_for_status()
+        bundle_id = uploaded.json()["id"]
+        client.post(f"{api}/bundles/{bundle_id}/activate", headers=auth).raise_for_status()
+    return project
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10, help="per wrk run (default 10)")
+    parser.add_argument("--workers", type=int, default=2, help="server processes (default 2)")
+    args = parser.parse_args()
+    common.require_nginx_and_wrk()
+    print(common.machine_line())
+
+    with common.ota_server(workers=args.workers) as server, tempfile.TemporaryDirectory() as tmp:
+        project = publish(server)
+        key = project.public_keys["production"]
+        cases = [
+            Case(
+                "update offered",
+                "/v1/sdk/ota/check?channel=production&version=0",
+                (f"x-api-key: {key}",),
+                200,
+            ),
+            Case(
+                "no update",
+                "/v1/sdk/ota/check?channel=staging&version=0",
+                (f"x-api-key: {key}",),
+                200,
+            ),
+            Case(
+                "unknown key",
+                "/v1/sdk/ota/check?channel=production&version=0",
+                ("x-api-key: pk_live_000000000000000000000000",),
+                401,
+            ),
+        ]
+        root = Path(tmp)
+        with httpx.Client(timeout=10) as client:
+            for case in cases:
+                headers = dict(h.split(": ", 1) for h in case.headers)
+                response = client.get(server.base_url + case.path, headers=headers)
+                assert response.status_code == case.status, response.text
+                # nginx serves the very bytes our server answers, as a static file.
+                (root / f"{case.name.replace(' ', '-')}.json").write_bytes(response.content)
+        print(f"server: {server.describe()}")
+        print(f"load:   {common.wrk_command(seconds=args.seconds)}")
+        failed = False
+        with common.nginx_server(root, default_type="application/json") as nginx:
+            reference = common.run_wrk(
+                f"{nginx.base_url}/update-offered.json", seconds=args.seconds
+            )
+            print(f"{'nginx static file':18} {reference.summary()}")
+            offered_rps = 0.0
+            for case in cases:
+                result = common.run_wrk(
+                    server.base_url + case.path, seconds=args.seconds, headers=case.headers
+                )
+                errors = result.socket_errors and sum(result.socket_errors.values())
+                wrong = result.non_2xx_3xx if case.status == 200 else 0
+                ratio = result.requests_per_second / reference.requests_per_second
+                p99 = result.latency_ms.get("99", float("inf"))
+                ok = ratio >= TARGET_RATIO and not errors and not wrong and p99 < TARGET_P99_MS
+                if case.name == "update offered":
+                    offered_rps = result.requests_per_second
+                else:
+                    ok = ok and result.requests_per_second >= 0.95 * offered_rps
+                failed = failed or not ok
+                print(f"{case.name:18} {result.summary()} ratio {ratio:.2f} {common.verdict(ok)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

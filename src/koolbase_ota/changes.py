@@ -1,0 +1,77 @@
+"""The change log that keeps every process's caches honest.
+
+Each change that alters what a device's check may answer (activation, mandatory, delete, key
+rotation, a new project's keys, token revocation) writes a row here in the same transaction as
+the change itself. Every process polls for rows newer than the last it saw and drops what they
+touch from its caches, so a change made through any process reaches all of them within the
+poll interval.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import BigInteger, Integer, String, Uuid, delete, func, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from koolbase_ota.db import Base, Database, UTCDateTime, utcnow
+
+#: What changed: the bundles of a channel, or the keys (or tokens) of a project.
+BUNDLES = "bundles"
+KEYS = "keys"
+TOKENS = "tokens"
+
+
+class ChangeEvent(Base):
+    __tablename__ = "change_events"
+
+    # BigInteger on PostgreSQL; SQLite only autoincrements an INTEGER PRIMARY KEY.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    project_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    kind: Mapped[str] = mapped_column(String(20))
+    channel: Mapped[str | None] = mapped_column(String(50))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+@dataclass(frozen=True)
+class Change:
+    id: int
+    project_id: uuid.UUID
+    kind: str
+    channel: str | None
+
+
+def record(
+    session: Session, *, project_id: uuid.UUID, kind: str, channel: str | None = None
+) -> None:
+    """Note a change inside the caller's transaction."""
+    session.add(ChangeEvent(project_id=project_id, kind=kind, channel=channel, created_at=utcnow()))
+
+
+def latest_id(db: Database) -> int:
+    with db.read() as session:
+        return int(session.scalar(select(func.coalesce(func.max(ChangeEvent.id), 0))) or 0)
+
+
+def changes_since(db: Database, last_id: int, *, limit: int = 10_000) -> list[Change]:
+    """Changes after `last_id`, oldest first."""
+    with db.read() as session:
+        rows = session.execute(
+            select(ChangeEvent.id, ChangeEvent.project_id, ChangeEvent.kind, ChangeEvent.channel)
+            .where(ChangeEvent.id > last_id)
+            .order_by(ChangeEvent.id)
+            .limit(limit)
+        )
+        return [
+            Change(id=r.id, project_id=r.project_id, kind=r.kind, channel=r.channel) for r in rows
+        ]
+
+
+def prune(db: Database, *, older_than: dt.timedelta = dt.timedelta(hours=1)) -> None:
+    """Forget changes every process has long seen."""
+    with db.write() as session:
+        session.execute(delete(ChangeEvent).where(ChangeEvent.created_at < utcnow() - older_than))

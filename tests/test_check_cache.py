@@ -1,0 +1,151 @@
+"""The check's cache: a warm check does no I/O, unknown keys are cached, URLs stay valid for
+at least half their lifetime, changes invalidate, and a database outage leaves warm answers up."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import httpx
+import pytest
+from sqlalchemy import event
+
+from tests.conftest import Project, RunningServer, new_project, released, start_server
+from tests.services import PostgresService
+
+CHECK = "/v1/sdk/ota/check"
+
+
+class StatementLog:
+    """Every SQL statement the server's engine runs, but the change-log poll."""
+
+    def __init__(self, server: RunningServer) -> None:
+        self.engine = server.context.db.engine
+        self.statements: list[str] = []
+        event.listen(self.engine, "before_cursor_execute", self._record)
+
+    def _record(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        # The poll's own BEGIN (SQLite) carries no table name; a lookup always has a SELECT.
+        if "change_events" not in statement and statement.lstrip().upper().startswith("SELECT"):
+            self.statements.append(statement)
+
+    def close(self) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._record)
+
+
+@pytest.fixture
+def statements(server: RunningServer) -> Iterator[StatementLog]:
+    log = StatementLog(server)
+    yield log
+    log.close()
+
+
+def test_a_warm_check_reads_nothing_from_the_database(
+    server: RunningServer, client: httpx.Client, project: Project, statements: StatementLog
+) -> None:
+    released(client, project)
+    # Let the change log's news of this new project (and its keys) reach the cache first.
+    time.sleep(server.settings.cache_refresh_seconds * 3)
+    assert client.get(CHECK, headers=project.key()).status_code == 200
+    assert client.get(CHECK, headers=project.key("staging")).status_code == 200
+    statements.statements.clear()
+    for version in (0, 1, 0, 5) * 10:
+        assert (
+            client.get(CHECK, params={"version": version}, headers=project.key()).status_code == 200
+        )
+    assert client.get(CHECK, headers=project.key("staging")).status_code == 200
+    assert statements.statements == []
+
+
+def test_unknown_keys_are_cached_too(
+    server: RunningServer, client: httpx.Client, statements: StatementLog
+) -> None:
+    time.sleep(server.settings.cache_refresh_seconds * 3)  # other tests' new projects
+    bad = {"x-api-key": "pk_live_" + "0" * 24}
+    assert client.get(CHECK, headers=bad).status_code == 401
+    statements.statements.clear()
+    for _ in range(20):
+        assert client.get(CHECK, headers=bad).status_code == 401
+    assert statements.statements == []
+
+
+def test_a_new_projects_keys_work_at_once_though_unknown_before(
+    server: RunningServer, client: httpx.Client
+) -> None:
+    project = new_project(server.db)
+    # Another process could have asked with a key before it existed; the change log clears it.
+    assert client.get(CHECK, headers=project.key()).status_code == 200
+
+
+def test_every_url_handed_out_is_valid_for_at_least_half_the_ttl(
+    server: RunningServer, client: httpx.Client, project: Project
+) -> None:
+    released(client, project)
+    first = client.get(CHECK, headers=project.key()).json()["download_url"]
+    second = client.get(CHECK, headers=project.key()).json()["download_url"]
+    assert first == second  # reused, not re-signed per check
+    ttl = server.settings.url_ttl_seconds
+    query = parse_qs(urlparse(first).query)
+    if "expires" in query:
+        remaining = int(query["expires"][0]) - time.time()
+    else:
+        signed_at = time.mktime(time.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ"))
+        remaining = signed_at - time.timezone + int(query["X-Amz-Expires"][0]) - time.time()
+    assert ttl / 2 <= remaining <= ttl + 1
+    offer = server.context.check_cache.channels[(project.id, "production")]
+    assert offer is not None
+    assert offer.offer is not None
+    assert offer.offer.renew_at - time.monotonic() <= ttl / 2
+
+
+def test_changes_reach_the_cached_answer_at_once_in_this_process(
+    client: httpx.Client, project: Project
+) -> None:
+    bundle = released(client, project)
+    assert client.get(CHECK, headers=project.key()).json()["mandatory"] is False
+    path = project.path(f"/bundles/{bundle['id']}")
+    assert client.patch(path, headers=project.auth, json={"mandatory": True}).status_code == 200
+    assert client.get(CHECK, headers=project.key()).json()["mandatory"] is True
+    newer = released(client, project)
+    assert client.get(CHECK, headers=project.key()).json()["version"] == newer["version"]
+    assert (
+        client.delete(project.path(f"/bundles/{newer['id']}"), headers=project.auth).status_code
+        == 204
+    )
+    assert client.get(CHECK, headers=project.key()).json() == {"has_update": False}
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresService]:
+    with PostgresService() as service:
+        yield service
+
+
+def test_warm_answers_survive_a_database_outage(
+    own_postgres: PostgresService, tmp_path: Path
+) -> None:
+    server = start_server(
+        tmp_path, database_url=own_postgres.create_database(), database_timeout_seconds=2
+    )
+    try:
+        project = new_project(server.db)
+        other = new_project(server.db)
+        with httpx.Client(base_url=server.base_url, timeout=30) as client:
+            released(client, project)
+            warm = client.get(CHECK, headers=project.key()).json()
+            assert client.get(CHECK, headers={"x-api-key": "pk_live_nope"}).status_code == 401
+            own_postgres.stop()
+            # Devices already seen keep getting their answer: the SDK takes any error as
+            # "no update", so a 5xx here would silently freeze every device.
+            assert client.get(CHECK, headers=project.key()).json() == warm
+            assert client.get(CHECK, headers={"x-api-key": "pk_live_nope"}).status_code == 401
+            cold = client.get(CHECK, headers=other.key())
+            assert cold.status_code == 503
+            assert cold.json()["code"] == "database_unavailable"
+            own_postgres.start()
+            assert client.get(CHECK, headers=other.key()).status_code == 200
+    finally:
+        server.stop()

@@ -1,0 +1,76 @@
+"""Both bundle stores keep the same promises: create-only writes (small and multipart-sized),
+one "not found", idempotent delete, listing, and URLs a device can fetch."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from koolbase_ota.storage import BundleStore, ObjectExists, ObjectNotFound
+from koolbase_ota.storage.local import LocalStore
+from koolbase_ota.storage.s3 import CHUNK_BYTES, S3BundleStore
+from tests.services import SeaweedService
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> BundleStore:
+    if request.param == "local":
+        return LocalStore(
+            tmp_path / "bundles", public_url="http://127.0.0.1:1", secret_key="k" * 32
+        )
+    seaweed: SeaweedService = request.getfixturevalue("seaweed")
+    return S3BundleStore(
+        bucket=seaweed.bucket,
+        prefix=seaweed.unique_prefix(),
+        endpoint=seaweed.endpoint,
+        region=seaweed.region,
+        credentials={"access_key_id": seaweed.access_key, "secret_access_key": seaweed.secret_key},
+    )
+
+
+@pytest.mark.parametrize("size", [1000, CHUNK_BYTES + 12345], ids=["one-put", "multipart"])
+def test_objects_are_written_create_only(store: BundleStore, tmp_path: Path, size: int) -> None:
+    first = tmp_path / "first.zip"
+    first.write_bytes(os.urandom(size))
+    second = tmp_path / "second.zip"
+    second.write_bytes(os.urandom(size))
+    asyncio.run(store.put_file("ota/p/production/v1.zip", first))
+    with pytest.raises(ObjectExists):
+        asyncio.run(store.put_file("ota/p/production/v1.zip", second))
+    assert asyncio.run(store.exists("ota/p/production/v1.zip"))
+    if isinstance(store, S3BundleStore):
+        url = store.download_url("ota/p/production/v1.zip", ttl_seconds=60)
+        response = httpx.get(url, timeout=30)
+        assert response.status_code == 200
+        assert (
+            hashlib.sha256(response.content).digest() == hashlib.sha256(first.read_bytes()).digest()
+        )
+        assert response.headers["content-type"] == "application/zip"
+
+
+def test_delete_is_idempotent_and_listing_sees_what_is_there(
+    store: BundleStore, tmp_path: Path
+) -> None:
+    source = tmp_path / "b.zip"
+    source.write_bytes(b"zip")
+    for version in (1, 2):
+        asyncio.run(store.put_file(f"ota/p/staging/v{version}.zip", source))
+    listed = {item.key for item in asyncio.run(store.list_keys("ota/"))}
+    assert listed == {"ota/p/staging/v1.zip", "ota/p/staging/v2.zip"}
+    asyncio.run(store.delete("ota/p/staging/v1.zip"))
+    asyncio.run(store.delete("ota/p/staging/v1.zip"))
+    asyncio.run(store.delete("ota/p/never/v9.zip"))
+    assert not asyncio.run(store.exists("ota/p/staging/v1.zip"))
+    assert {item.key for item in asyncio.run(store.list_keys("ota/"))} == {"ota/p/staging/v2.zip"}
+
+
+def test_a_missing_object_is_the_one_not_found(store: BundleStore) -> None:
+    assert not asyncio.run(store.exists("ota/p/production/v404.zip"))
+    if isinstance(store, S3BundleStore):
+        with pytest.raises(ObjectNotFound):
+            asyncio.run(store.copy("ota/p/production/v404.zip", "ota/p/production/v405.zip"))
