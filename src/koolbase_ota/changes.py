@@ -57,12 +57,18 @@ def latest_id(db: Database) -> int:
         return int(session.scalar(select(func.coalesce(func.max(ChangeEvent.id), 0))) or 0)
 
 
+#: How far back every poll looks again. Ids come from a sequence, and on PostgreSQL a
+#: transaction can commit after one that took a later id; looking back this far catches such a
+#: change as long as its transaction took less than this to commit (statements time out sooner).
+LOOK_BACK = dt.timedelta(seconds=60)
+
+
 def changes_since(db: Database, last_id: int, *, limit: int = 10_000) -> list[Change]:
-    """Changes after `last_id`, oldest first."""
+    """Changes after `last_id`, and every change of the last LOOK_BACK, oldest first."""
     with db.read() as session:
         rows = session.execute(
             select(ChangeEvent.id, ChangeEvent.project_id, ChangeEvent.kind, ChangeEvent.channel)
-            .where(ChangeEvent.id > last_id)
+            .where((ChangeEvent.id > last_id) | (ChangeEvent.created_at >= utcnow() - LOOK_BACK))
             .order_by(ChangeEvent.id)
             .limit(limit)
         )

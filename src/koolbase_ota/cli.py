@@ -95,7 +95,7 @@ def ensure_default_project(settings: Settings, db: Database) -> Path | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from granian.constants import Interfaces
+    from granian.constants import HTTPModes, Interfaces, RuntimeModes
     from granian.server import Server
 
     settings = _settings()
@@ -123,6 +123,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "koolbase_ota.app:create_app_from_env",
         factory=True,
         interface=Interfaces.ASGI,
+        # Devices speak HTTP/1.1 (h2 needs TLS, which a load balancer terminates), and one
+        # runtime thread per worker measured faster on the check than several.
+        http=HTTPModes.http1,
+        runtime_mode=RuntimeModes.st,
         address=args.host,
         port=args.port,
         workers=args.workers,

@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 from koolbase_ota import changes
 from koolbase_ota.bundles.models import Bundle
 from koolbase_ota.db import Database
+from koolbase_ota.metrics import CheckTally
 from koolbase_ota.projects import service as projects
 from koolbase_ota.projects.models import Channel
 from koolbase_ota.sdk import service as sdk_service
@@ -32,6 +33,7 @@ from koolbase_ota.storage import BundleStore
 logger = logging.getLogger(__name__)
 
 NO_UPDATE = b'{"has_update":false}'
+CHECK_ROUTE = "/v1/sdk/ota/check"
 #: Beyond this many entries a map is emptied: a flood of made-up keys or channels costs
 #: memory up to this bound, then a cold cache, never unbounded growth.
 MAX_ENTRIES = 200_000
@@ -100,6 +102,9 @@ class CheckCache:
         #: Bumped by every invalidation: an entry loaded across one is not kept, since the
         #: database may have changed between reading it and storing it.
         self.generation = 0
+        #: Change ids applied recently, with when: each change is applied once.
+        self.applied: dict[int, float] = {}
+        self.tally = CheckTally(CHECK_ROUTE)
 
     # Lookups: a hit is a dict read; a miss reads the database in a worker thread. Each
     # returns (value, hit) so callers can count cache outcomes per request.
@@ -216,15 +221,26 @@ class CheckCache:
     async def refresh(self) -> None:
         """Apply every change logged since the last refresh."""
         found = await anyio.to_thread.run_sync(changes.changes_since, self.db, self.last_change)
+        now = time.monotonic()
         for change in found:
+            # Polls look back a while (see changes.LOOK_BACK), and two refreshes may overlap
+            # (the poll, and one after a change in this process): apply each change once, so
+            # one applied already does not drop entries loaded since.
+            if change.id in self.applied:
+                continue
+            self.applied[change.id] = now
             self.forget(change)
             self.last_change = max(self.last_change, change.id)
+        horizon = now - 2 * changes.LOOK_BACK.total_seconds()
+        for change_id in [key for key, seen in self.applied.items() if seen < horizon]:
+            del self.applied[change_id]
 
     async def run(self, *, every_seconds: float) -> None:
         """Refresh forever; a failing database leaves the cache as it is (stale if error)."""
         next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
         while True:
             await asyncio.sleep(every_seconds)
+            self.tally.flush()
             try:
                 await self.refresh()
                 if time.monotonic() >= next_prune:

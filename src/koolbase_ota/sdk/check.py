@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import unquote_plus
 
 from fastapi import APIRouter, Depends, Query
@@ -20,10 +20,9 @@ from starlette.types import Scope, Send
 
 from koolbase_ota.bundles.schemas import ErrorOut
 from koolbase_ota.deps import ContextDep
-from koolbase_ota.metrics import CHECK_CACHE, ERRORS, LATENCY, REQUESTS
-from koolbase_ota.sdk.cache import CheckCache
+from koolbase_ota.sdk.cache import CHECK_ROUTE, CheckCache
 
-CHECK_PATH = "/v1/sdk/ota/check"
+CHECK_PATH = CHECK_ROUTE
 DEFAULT_CHANNEL = "production"
 _MAX_VERSION_DIGITS = 18
 _MAX_CHANNEL = 50
@@ -42,54 +41,62 @@ _ERRORS = {
 }
 
 
+_MISSING: Any = object()
+
+
 async def answer(
     cache: CheckCache, *, api_key: str | None, channel: str | None, version: str | None
-) -> tuple[int, bytes, bool]:
-    """Status and JSON body of the check for these inputs, and whether the cache had it all."""
+) -> tuple[int, bytes, bool, str | None]:
+    """Status, JSON body, whether the cache had it all, and the error code if one."""
     if not api_key:
-        return _fail("missing_api_key")
-    project_id, key_hit = await cache.project_for_key(api_key)
+        return _fail("missing_api_key", hit=True)
+    # The dict reads inline are the whole of a warm check; only a miss awaits the database.
+    hit = True
+    project_id = cache.keys.get(api_key, _MISSING)
+    if project_id is _MISSING:
+        project_id, hit = await cache.project_for_key(api_key)
     if project_id is None:
-        return (*_fail("invalid_api_key")[:2], key_hit)
+        return _fail("invalid_api_key", hit=hit)
     if version is None:
         current = 0
     elif version.isascii() and version.isdigit() and len(version) <= _MAX_VERSION_DIGITS:
         current = int(version)
     else:
-        return _fail("invalid_version")
+        return _fail("invalid_version", hit=hit)
     name = channel or DEFAULT_CHANNEL
     if len(name) > _MAX_CHANNEL:
-        return _fail("invalid_channel")
-    state, channel_hit = await cache.channel(project_id, name)
+        return _fail("invalid_channel", hit=hit)
+    state = cache.channels.get((project_id, name), _MISSING)
+    if state is _MISSING:
+        state, channel_hit = await cache.channel(project_id, name)
+        hit = hit and channel_hit
     if state is None:
-        return (*_fail("invalid_channel")[:2], key_hit and channel_hit)
-    return 200, cache.answer_for(state, current), key_hit and channel_hit
+        return _fail("invalid_channel", hit=hit)
+    return 200, cache.answer_for(state, current), hit, None
 
 
-def _fail(code: str) -> tuple[int, bytes, bool]:
-    ERRORS.labels(code).inc()
+def _fail(code: str, *, hit: bool) -> tuple[int, bytes, bool, str]:
     status, body = _ERRORS[code]
-    return status, body, True
+    return status, body, hit, code
 
 
 # The bare ASGI endpoint
 
 _JSON_HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
-_REQUESTS = {
-    status: REQUESTS.labels("GET", CHECK_PATH, str(status)) for status in (200, 400, 401, 503)
-}
-_LATENCY = LATENCY.labels("GET", CHECK_PATH)
-_CACHE_HIT = CHECK_CACHE.labels("hit")
-_CACHE_MISS = CHECK_CACHE.labels("miss")
 
 
 def parse_query(raw: bytes) -> dict[str, str]:
     """`a=1&b=2` into a dict; the last of repeated names wins, as in Starlette."""
     params: dict[str, str] = {}
     if raw:
-        for pair in raw.decode("latin-1").split("&"):
+        text = raw.decode("latin-1")
+        escaped = "%" in text or "+" in text
+        for pair in text.split("&"):
             name, _, value = pair.partition("=")
-            params[unquote_plus(name, errors="replace")] = unquote_plus(value, errors="replace")
+            if escaped:
+                name = unquote_plus(name, errors="replace")
+                value = unquote_plus(value, errors="replace")
+            params[name] = value
     return params
 
 
@@ -116,7 +123,7 @@ class CheckEndpoint:
                 api_key = value.decode("latin-1")
         query = parse_query(scope["query_string"])
         try:
-            status, body, hit = await answer(
+            status, body, hit, error = await answer(
                 self.cache,
                 api_key=api_key,
                 channel=query.get("channel"),
@@ -124,10 +131,7 @@ class CheckEndpoint:
             )
         except Exception:
             # A cold entry and a database that is down: the one case with no answer to give.
-            status, hit = 503, False
-            body = _UNAVAILABLE
-            ERRORS.labels("database_unavailable").inc()
-        (_CACHE_HIT if hit else _CACHE_MISS).inc()
+            status, body, hit, error = 503, _UNAVAILABLE, False, "database_unavailable"
         await send(
             {
                 "type": "http.response.start",
@@ -136,8 +140,7 @@ class CheckEndpoint:
             }
         )
         await send({"type": "http.response.body", "body": body})
-        _REQUESTS[status].inc()
-        _LATENCY.observe(time.perf_counter() - started)
+        self.cache.tally.record(status, time.perf_counter() - started, hit=hit, error=error)
 
 
 # The documented route: same answers, for OpenAPI and any request the endpoint passes on.
@@ -174,7 +177,7 @@ async def check(
         str | None, Query(description="The version the device has; 0 = none")
     ] = None,
 ) -> Response:
-    status, body, _hit = await answer(
+    status, body, _hit, _error_code = await answer(
         context.check_cache, api_key=api_key, channel=channel, version=version
     )
     return Response(
