@@ -294,3 +294,13 @@ def test_bad_input_is_refused_with_one_error_line(tmp_path: Path) -> None:
     for key in created["public_keys"].values():
         assert sha256_hex(key).encode() in stored
     assert query(tmp_path, "SELECT count(*), count(revoked_at) FROM dashboard_tokens") == [(1, 0)]
+
+
+def test_a_bad_setting_is_named_without_its_value(tmp_path: Path) -> None:
+    secret = "a-short-but-real-secret"
+    env = cli_env(tmp_path / "data", KOOLBASE_OTA_SECRET_KEY=secret)
+    result = run_cli(tmp_path / "data", "project", "list", env=env)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: invalid configuration: KOOLBASE_OTA_SECRET_KEY")
+    assert secret not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr

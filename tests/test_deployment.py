@@ -248,8 +248,13 @@ def test_move_from_the_embedded_default_changes_nothing_devices_see(
         revoked, revoked_token = projects.create_token(embedded.db, project_id=project.id)
         projects.revoke_token(embedded.db, token_id=revoked.id)
         rotated_key = projects.rotate_key(embedded.db, project_id=project.id, environment="staging")
+        trail_before = httpx.get(
+            f"{embedded.base_url}/v1/projects/{project.id}/audit", headers=project.auth
+        ).json()
     finally:
         embedded.stop()
+    # The project, 4 uploads, 2 activations, a delete, a token made and revoked, a key rotated.
+    assert len(trail_before) == 11
     assert [b["version"] for b in before] == [
         latest["version"],
         first["version"],
@@ -307,6 +312,9 @@ def test_move_from_the_embedded_default_changes_nothing_devices_see(
             revoked_auth = {"Authorization": f"Bearer {revoked_token}"}
             assert client.get(project.path("/bundles"), headers=revoked_auth).status_code == 401
             assert client.get(spare.path("/bundles"), headers=spare.auth).json() == []
+            # The audit trail moved with everything else.
+            trail = client.get(f"/v1/projects/{project.id}/audit", headers=project.auth).json()
+            assert trail == trail_before
             # The counter moved too: the deleted bundle's version is still never reused.
             assert uploaded(client, project)["version"] == doomed["version"] + 2
             # Mandatory history moved: a device on 0 is still forced by the first release.

@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import Receive, Scope, Send
 
 from koolbase_ota import __version__
+from koolbase_ota.audit_router import router as audit_router
 from koolbase_ota.bundles.router import router as bundles_router
 from koolbase_ota.config import Settings
 from koolbase_ota.db import Database, create_db_engine
@@ -22,6 +24,7 @@ from koolbase_ota.sdk.cache import CheckCache
 from koolbase_ota.sdk.check import CheckEndpoint, is_check
 from koolbase_ota.sdk.check import router as check_router
 from koolbase_ota.sdk.downloads import router as downloads_router
+from koolbase_ota.security import SecurityHeadersMiddleware, check_headers, cors_origins
 from koolbase_ota.storage import open_store
 
 
@@ -65,11 +68,25 @@ def create_app(settings: Settings) -> OTAApp:
         lifespan=lifespan,
     )
     app.state.context = AppContext(settings=settings, db=db, store=store, check_cache=cache)
-    app.check_endpoint = CheckEndpoint(cache)
+    app.check_endpoint = CheckEndpoint(cache, extra_headers=check_headers())
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware)
+    origins = cors_origins(settings.cors_origins)
+    if origins:
+        # Only for the configured origins: a browser page elsewhere cannot read any answer.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["X-Next-Cursor", "Link"],
+            max_age=600,
+        )
+    # Added last, so outermost: preflight answers and errors get the headers too.
+    app.add_middleware(SecurityHeadersMiddleware)
     app.include_router(ops_router)
     app.include_router(bundles_router)
+    app.include_router(audit_router)
     app.include_router(check_router)
     app.include_router(downloads_router)
     return app

@@ -1,4 +1,4 @@
-"""The `koolbase-ota` command: serve, project, token, key, db, gc."""
+"""The `koolbase-ota` command: serve, project, token, key, audit, db, gc, move."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from koolbase_ota import __version__
+from pydantic import ValidationError
+
+from koolbase_ota import __version__, audit
 from koolbase_ota.clock import rfc3339
 from koolbase_ota.config import Settings
 from koolbase_ota.db import Database, create_db_engine, migration_lock, upgrade_schema
@@ -38,8 +40,17 @@ class CliError(Exception):
 def _settings() -> Settings:
     try:
         return Settings().resolved()
-    except Exception as exc:  # pydantic's ValidationError names the bad variable
-        raise CliError(f"invalid configuration: {exc}") from exc
+    except ValidationError as exc:
+        # Name the variable and the rule, never the value: it may be a secret.
+        problems = "; ".join(
+            "KOOLBASE_OTA_"
+            + "_".join(str(part) for part in error["loc"]).upper()
+            + f": {error['msg']}"
+            for error in exc.errors(include_input=False)
+        )
+        raise CliError(f"invalid configuration: {problems}") from None
+    except OSError as exc:
+        raise CliError(f"cannot use the data directory: {exc.strerror}") from None
 
 
 def _database(settings: Settings, *, announce: bool = False) -> Database:
@@ -227,6 +238,30 @@ def cmd_key_rotate(args: argparse.Namespace) -> None:
     print(f"new {args.environment} key: {key}   (the old key no longer works)")
 
 
+def cmd_audit(args: argparse.Namespace) -> None:
+    db = _database(_settings())
+    project_id = _uuid(args.project, "--project")
+    projects.get_project(db, project_id=project_id)
+    events = audit.list_events(db, project_id=project_id, limit=args.limit)
+    rows = [
+        {
+            "id": str(event.id),
+            "at": rfc3339(event.at),
+            "actor": event.actor,
+            "action": event.action,
+            "target": event.target,
+            "details": event.details,
+        }
+        for event in events
+    ]
+    if args.json:
+        _print_json(rows)
+        return
+    for row in rows:
+        details = json.dumps(row["details"], sort_keys=True)
+        print(f"{row['at']}  {row['actor']}  {row['action']}  {row['target']}  {details}")
+
+
 def cmd_db_upgrade(_args: argparse.Namespace) -> None:
     _database(_settings(), announce=True)
     print("the database schema is up to date")
@@ -355,6 +390,19 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--project", required=True, metavar="ID")
     rotate.add_argument("--environment", required=True, choices=projects.ENVIRONMENTS)
     rotate.add_argument("--json", action="store_true")
+
+    audit_trail = command(
+        commands, "audit", cmd_audit, "show a project's audit trail, newest change first"
+    )
+    audit_trail.add_argument("--project", required=True, metavar="ID")
+    audit_trail.add_argument(
+        "--limit",
+        type=int,
+        default=audit.DEFAULT_LIMIT,
+        metavar="N",
+        help=f"at most N events, 1 to {audit.MAX_LIMIT} (default {audit.DEFAULT_LIMIT})",
+    )
+    audit_trail.add_argument("--json", action="store_true", help="print one JSON array")
 
     db = commands.add_parser("db", help="database schema").add_subparsers(
         dest="action", required=True, metavar="ACTION", parser_class=_Parser

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     # One log line per request; off by default, since /metrics counts requests for free.
     access_log: bool = False
+    # Comma-separated browser origins allowed to call the API (a web dashboard); empty: CORS off.
+    cors_origins: str = ""
     # The standard AWS variable names, without our prefix, as every S3 tool reads them.
     aws_access_key_id: str = Field(
         default="", validation_alias=AliasChoices("aws_access_key_id", "AWS_ACCESS_KEY_ID")

@@ -1,4 +1,4 @@
-"""What routes share: the app's context and the dashboard-token dependency."""
+"""What routes share: the app's context and the dashboard-token dependencies."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
+from koolbase_ota import audit
 from koolbase_ota.config import Settings
 from koolbase_ota.db import Database
 from koolbase_ota.errors import NotFound, Unauthorized
@@ -38,30 +39,48 @@ ContextDep = Annotated[AppContext, Depends(get_context)]
 _bearer = HTTPBearer(auto_error=False, description="A dashboard token: `kbota_...`")
 
 
-async def authorised_project(
+@dataclass(frozen=True)
+class Dashboard:
+    """A dashboard request's project and the token that made it; `actor` for the audit trail."""
+
+    project_id: uuid.UUID
+    token_id: uuid.UUID
+
+    @property
+    def actor(self) -> str:
+        return audit.token_actor(self.token_id)
+
+
+async def authorised_dashboard(
     project_id: str,
     context: ContextDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> uuid.UUID:
-    """The path's project, once the bearer token is shown to belong to it.
+) -> Dashboard:
+    """The path's project and the bearer token, once the token is shown to belong to it.
 
     A token of another project gets the same 404 as a project that does not exist, so a token
     never learns which other projects exist.
     """
     if credentials is None:
         raise Unauthorized("missing dashboard token", code="missing_token")
-    token_project = await run_in_threadpool(
-        projects.authenticate_token, context.db, token=credentials.credentials
-    )
+    owner = await run_in_threadpool(projects.token_owner, context.db, token=credentials.credentials)
     try:
         wanted = uuid.UUID(project_id)
     except ValueError:
         wanted = None
-    if wanted != token_project:
+    if wanted != owner.project_id:
         raise NotFound("project not found", code="project_not_found")
-    return token_project
+    return Dashboard(project_id=owner.project_id, token_id=owner.token_id)
 
 
+async def authorised_project(
+    dashboard: Annotated[Dashboard, Depends(authorised_dashboard)],
+) -> uuid.UUID:
+    """The path's project, once the bearer token is shown to belong to it."""
+    return dashboard.project_id
+
+
+DashboardDep = Annotated[Dashboard, Depends(authorised_dashboard)]
 ProjectDep = Annotated[uuid.UUID, Depends(authorised_project)]
 
 

@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse
 
 from koolbase_ota.errors import OTAError
 from koolbase_ota.metrics import ERRORS
+from koolbase_ota.security import check_headers
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,9 @@ async def _database_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error", exc_info=exc)
-    return error_response(500, "internal server error", "internal_error")
+    # Answered by Starlette's outermost middleware, outside the one that adds these headers.
+    headers = {name.decode(): value.decode() for name, value in check_headers()}
+    return error_response(500, "internal server error", "internal_error", headers)
 
 
 def _describe(errors: Any) -> str:

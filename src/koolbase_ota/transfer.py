@@ -14,6 +14,7 @@ from pathlib import Path
 import anyio.to_thread
 from sqlalchemy import func, insert, select
 
+import koolbase_ota.audit
 import koolbase_ota.bundles.models
 import koolbase_ota.projects.models  # noqa: F401  (registers every table on the metadata)
 from koolbase_ota.bundles.models import Bundle, PendingObject

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from koolbase_ota.bundles import service
 from koolbase_ota.bundles.multipart import check_declared_length, read_upload_form
 from koolbase_ota.bundles.schemas import BundleOut, ErrorOut, MandatoryIn
-from koolbase_ota.deps import ContextDep, ProjectDep, parse_id
+from koolbase_ota.deps import ContextDep, DashboardDep, ProjectDep, parse_id
 from koolbase_ota.errors import InvalidInput
 from koolbase_ota.metrics import UPLOAD_BYTES, UPLOADS
 
@@ -61,7 +61,9 @@ _UPLOAD_BODY = {
     openapi_extra=_UPLOAD_BODY,
     summary="Upload a new bundle (multipart/form-data)",
 )
-async def upload_bundle(request: Request, project_id: ProjectDep, context: ContextDep) -> BundleOut:
+async def upload_bundle(
+    request: Request, dashboard: DashboardDep, context: ContextDep
+) -> BundleOut:
     settings = context.settings
     check_declared_length(
         request.headers.get("content-length"), max_bundle_bytes=settings.max_bundle_bytes
@@ -74,7 +76,11 @@ async def upload_bundle(request: Request, project_id: ProjectDep, context: Conte
     )
     try:
         bundle = await service.upload_bundle(
-            db=context.db, store=context.store, project_id=project_id, staged=staged
+            db=context.db,
+            store=context.store,
+            project_id=dashboard.project_id,
+            staged=staged,
+            actor=dashboard.actor,
         )
     except Exception:
         UPLOADS.labels("failed").inc()
@@ -168,12 +174,15 @@ def _page_size(raw: str | None) -> int:
     responses=_ERRORS,
     summary="Activate a bundle (makes it the active version for its channel)",
 )
-async def activate_bundle(bundle_id: str, project_id: ProjectDep, context: ContextDep) -> BundleOut:
+async def activate_bundle(
+    bundle_id: str, dashboard: DashboardDep, context: ContextDep
+) -> BundleOut:
     bundle = await run_in_threadpool(
         service.activate_bundle,
         context.db,
-        project_id=project_id,
+        project_id=dashboard.project_id,
         bundle_id=parse_id(bundle_id, what="bundle"),
+        actor=dashboard.actor,
     )
     # This process's checks see the change at once; the others within their refresh interval.
     await context.check_cache.refresh()
@@ -193,16 +202,17 @@ async def activate_bundle(bundle_id: str, project_id: ProjectDep, context: Conte
     },
 )
 async def set_mandatory(
-    bundle_id: str, request: Request, project_id: ProjectDep, context: ContextDep
+    bundle_id: str, request: Request, dashboard: DashboardDep, context: ContextDep
 ) -> BundleOut:
     parsed_id = parse_id(bundle_id, what="bundle")
     mandatory = _mandatory_from(await request.body())
     bundle = await run_in_threadpool(
         service.set_mandatory,
         context.db,
-        project_id=project_id,
+        project_id=dashboard.project_id,
         bundle_id=parsed_id,
         mandatory=mandatory,
+        actor=dashboard.actor,
     )
     await context.check_cache.refresh()
     return BundleOut.of(bundle)
@@ -234,12 +244,13 @@ def _mandatory_from(body: bytes) -> bool | None:
     responses=_ERRORS,
     summary="Delete a bundle and remove it from storage",
 )
-async def delete_bundle(bundle_id: str, project_id: ProjectDep, context: ContextDep) -> Response:
+async def delete_bundle(bundle_id: str, dashboard: DashboardDep, context: ContextDep) -> Response:
     await service.delete_bundle(
         db=context.db,
         store=context.store,
-        project_id=project_id,
+        project_id=dashboard.project_id,
         bundle_id=parse_id(bundle_id, what="bundle"),
+        actor=dashboard.actor,
     )
     await context.check_cache.refresh()
     return Response(status_code=204)

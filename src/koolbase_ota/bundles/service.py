@@ -18,7 +18,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeout
 from sqlalchemy.orm import Session
 
-from koolbase_ota import changes
+from koolbase_ota import audit, changes
 from koolbase_ota.bundles.models import Bundle, PendingObject
 from koolbase_ota.bundles.multipart import StagedUpload
 from koolbase_ota.bundles.validation import ZipLimits, validate_zip
@@ -93,6 +93,7 @@ async def upload_bundle(
     project_id: uuid.UUID,
     staged: StagedUpload,
     zip_limits: ZipLimits | None = None,
+    actor: str = audit.CLI,
 ) -> Bundle:
     """Validate the staged upload, store it under a new version and record it, or leave nothing."""
     fields = staged.fields
@@ -152,6 +153,20 @@ async def upload_bundle(
         with db.write() as session:
             session.add(bundle)
             session.execute(delete(PendingObject).where(PendingObject.storage_path == path))
+            audit.record(
+                session,
+                project_id=project_id,
+                actor=actor,
+                action=audit.BUNDLE_UPLOAD,
+                target=str(bundle.id),
+                details={
+                    "channel": channel,
+                    "version": version,
+                    "mandatory": mandatory,
+                    "checksum": bundle.checksum,
+                    "file_size": bundle.file_size,
+                },
+            )
         return bundle
 
     try:
@@ -294,7 +309,9 @@ def get_bundle(db: Database, *, project_id: uuid.UUID, bundle_id: uuid.UUID) -> 
         return _bundle(session, project_id=project_id, bundle_id=bundle_id)
 
 
-def activate_bundle(db: Database, *, project_id: uuid.UUID, bundle_id: uuid.UUID) -> Bundle:
+def activate_bundle(
+    db: Database, *, project_id: uuid.UUID, bundle_id: uuid.UUID, actor: str = audit.CLI
+) -> Bundle:
     """Make the bundle its channel's only active bundle; activating it again changes nothing."""
     with db.write() as session:
         bundle = _bundle(session, project_id=project_id, bundle_id=bundle_id)
@@ -302,6 +319,11 @@ def activate_bundle(db: Database, *, project_id: uuid.UUID, bundle_id: uuid.UUID
         session.refresh(bundle)
         if bundle.active:
             return bundle
+        previous = session.scalar(
+            select(Bundle.id).where(
+                Bundle.project_id == project_id, Bundle.channel == bundle.channel, Bundle.active
+            )
+        )
         now = _later(bundle.updated_at)
         session.execute(
             update(Bundle)
@@ -314,23 +336,59 @@ def activate_bundle(db: Database, *, project_id: uuid.UUID, bundle_id: uuid.UUID
         if bundle.released_at is None:
             bundle.released_at = now
         changes.record(session, project_id=project_id, kind=changes.BUNDLES, channel=bundle.channel)
+        audit.record(
+            session,
+            project_id=project_id,
+            actor=actor,
+            action=audit.BUNDLE_ACTIVATE,
+            target=str(bundle.id),
+            details={
+                "channel": bundle.channel,
+                "version": bundle.version,
+                "deactivated": str(previous) if previous is not None else None,
+            },
+        )
     return bundle
 
 
 def set_mandatory(
-    db: Database, *, project_id: uuid.UUID, bundle_id: uuid.UUID, mandatory: bool | None
+    db: Database,
+    *,
+    project_id: uuid.UUID,
+    bundle_id: uuid.UUID,
+    mandatory: bool | None,
+    actor: str = audit.CLI,
 ) -> Bundle:
     """Set the flag, or toggle it when `mandatory` is None."""
     with db.write() as session:
         bundle = _bundle(session, project_id=project_id, bundle_id=bundle_id)
+        was = bundle.mandatory
         bundle.mandatory = (not bundle.mandatory) if mandatory is None else mandatory
         bundle.updated_at = _later(bundle.updated_at)
         changes.record(session, project_id=project_id, kind=changes.BUNDLES, channel=bundle.channel)
+        audit.record(
+            session,
+            project_id=project_id,
+            actor=actor,
+            action=audit.BUNDLE_MANDATORY,
+            target=str(bundle.id),
+            details={
+                "channel": bundle.channel,
+                "version": bundle.version,
+                "mandatory": bundle.mandatory,
+                "was": was,
+            },
+        )
     return bundle
 
 
 async def delete_bundle(
-    *, db: Database, store: BundleStore, project_id: uuid.UUID, bundle_id: uuid.UUID
+    *,
+    db: Database,
+    store: BundleStore,
+    project_id: uuid.UUID,
+    bundle_id: uuid.UUID,
+    actor: str = audit.CLI,
 ) -> None:
     """Remove the row, then the file; a file that cannot be removed stays recorded for `gc`."""
 
@@ -345,6 +403,19 @@ async def delete_bundle(
                 session, project_id=project_id, kind=changes.BUNDLES, channel=bundle.channel
             )
             session.merge(PendingObject(storage_path=path, reason="delete", created_at=utcnow()))
+            audit.record(
+                session,
+                project_id=project_id,
+                actor=actor,
+                action=audit.BUNDLE_DELETE,
+                target=str(bundle_id),
+                details={
+                    "channel": bundle.channel,
+                    "version": bundle.version,
+                    "active": bundle.active,
+                    "mandatory": bundle.mandatory,
+                },
+            )
             return path
 
     path = await _db(remove_row)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
+import koolbase_ota.audit
 import koolbase_ota.bundles.models
 import koolbase_ota.changes
 import koolbase_ota.projects.models  # noqa: F401  (registers the tables on the metadata)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from koolbase_ota import changes
+from koolbase_ota import audit, changes
+from koolbase_ota.clock import rfc3339
 from koolbase_ota.config import CHANNELS
 from koolbase_ota.db import Database, utcnow
 from koolbase_ota.errors import InvalidInput, NotFound, Unauthorized
@@ -22,6 +23,14 @@ from koolbase_ota.projects.models import Channel, DashboardToken, Environment, P
 TOKEN_PREFIX = "kbota_"  # noqa: S105  (a public prefix, not a secret)
 ENVIRONMENTS = ("production", "staging", "development")
 _MAX_NAME = 200
+
+
+@dataclass(frozen=True)
+class TokenOwner:
+    """Who a live dashboard token is: its project and its own id."""
+
+    project_id: uuid.UUID
+    token_id: uuid.UUID
 
 
 @dataclass(frozen=True)
@@ -46,7 +55,7 @@ def new_dashboard_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
-def create_project(db: Database, *, name: str) -> CreatedProject:
+def create_project(db: Database, *, name: str, actor: str = audit.CLI) -> CreatedProject:
     """Create a project with its three environments, seed channels and one dashboard token."""
     name = name.strip()
     if not name or len(name) > _MAX_NAME:
@@ -71,6 +80,18 @@ def create_project(db: Database, *, name: str) -> CreatedProject:
         token_row = _add_token(session, project_id=project.id, token=token, expires_at=None)
         # New keys: processes that cached them as unknown must look again.
         changes.record(session, project_id=project.id, kind=changes.KEYS)
+        audit.record(
+            session,
+            project_id=project.id,
+            actor=actor,
+            action=audit.PROJECT_CREATE,
+            target=str(project.id),
+            details={
+                "name": name,
+                "token_id": str(token_row.id),
+                "environments": list(ENVIRONMENTS),
+            },
+        )
     return CreatedProject(
         project=project, dashboard_token=token, token_id=token_row.id, public_keys=keys
     )
@@ -111,7 +132,11 @@ def _add_token(
 
 
 def create_token(
-    db: Database, *, project_id: uuid.UUID, expires_in_days: int | None = None
+    db: Database,
+    *,
+    project_id: uuid.UUID,
+    expires_in_days: int | None = None,
+    actor: str = audit.CLI,
 ) -> tuple[DashboardToken, str]:
     """Create a dashboard token for the project; the plaintext is returned only here."""
     if expires_in_days is not None and expires_in_days < 1:
@@ -122,6 +147,17 @@ def create_token(
         if session.get(Project, project_id) is None:
             raise NotFound("project not found", code="project_not_found")
         row = _add_token(session, project_id=project_id, token=token, expires_at=expires_at)
+        audit.record(
+            session,
+            project_id=project_id,
+            actor=actor,
+            action=audit.TOKEN_CREATE,
+            target=str(row.id),
+            details={
+                "token_id": str(row.id),
+                "expires_at": rfc3339(expires_at) if expires_at is not None else None,
+            },
+        )
     return row, token
 
 
@@ -131,7 +167,7 @@ def list_tokens(db: Database, *, project_id: uuid.UUID) -> list[DashboardToken]:
         return list(session.scalars(query.order_by(DashboardToken.created_at)))
 
 
-def revoke_token(db: Database, *, token_id: uuid.UUID) -> DashboardToken:
+def revoke_token(db: Database, *, token_id: uuid.UUID, actor: str = audit.CLI) -> DashboardToken:
     """Revoke a token; it stops working at once. Revoking twice keeps the first time."""
     with db.write() as session:
         row = session.get(DashboardToken, token_id)
@@ -140,10 +176,20 @@ def revoke_token(db: Database, *, token_id: uuid.UUID) -> DashboardToken:
         if row.revoked_at is None:
             row.revoked_at = utcnow()
             changes.record(session, project_id=row.project_id, kind=changes.TOKENS)
+            audit.record(
+                session,
+                project_id=row.project_id,
+                actor=actor,
+                action=audit.TOKEN_REVOKE,
+                target=str(row.id),
+                details={"token_id": str(row.id)},
+            )
     return row
 
 
-def rotate_key(db: Database, *, project_id: uuid.UUID, environment: str) -> str:
+def rotate_key(
+    db: Database, *, project_id: uuid.UUID, environment: str, actor: str = audit.CLI
+) -> str:
     """Give the environment a new public key; the old one stops working at once."""
     key = new_public_key(environment)
     with db.write() as session:
@@ -159,11 +205,25 @@ def rotate_key(db: Database, *, project_id: uuid.UUID, environment: str) -> str:
         if result.rowcount != 1:  # type: ignore[attr-defined]
             raise NotFound("project or environment not found", code="environment_not_found")
         changes.record(session, project_id=project_id, kind=changes.KEYS)
+        # The environment's name only: the new key is shown once, to whoever rotated it.
+        audit.record(
+            session,
+            project_id=project_id,
+            actor=actor,
+            action=audit.KEY_ROTATE,
+            target=environment,
+            details={"environment": environment},
+        )
     return key
 
 
 def authenticate_token(db: Database, *, token: str) -> uuid.UUID:
     """Return the project a live dashboard token belongs to, or raise Unauthorized."""
+    return token_owner(db, token=token).project_id
+
+
+def token_owner(db: Database, *, token: str) -> TokenOwner:
+    """Return the project and id of a live dashboard token, or raise Unauthorized."""
     if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
         raise Unauthorized("invalid dashboard token", code="invalid_token")
     digest = hash_secret(token)
@@ -177,7 +237,7 @@ def authenticate_token(db: Database, *, token: str) -> uuid.UUID:
         raise Unauthorized("dashboard token revoked", code="token_revoked")
     if row.expires_at is not None and row.expires_at <= utcnow():
         raise Unauthorized("dashboard token expired", code="token_expired")
-    return row.project_id
+    return TokenOwner(project_id=row.project_id, token_id=row.id)
 
 
 def project_for_public_key(db: Database, *, public_key: str) -> uuid.UUID | None:
