@@ -96,6 +96,8 @@ def main() -> int:
         print(f"server: {server.describe()}")
         print(f"load:   {common.wrk_command(seconds=args.seconds)}")
         failed = False
+        # A short warm-up of ours first (imports, first allocations), as nginx needs none.
+        common.run_wrk(server.base_url + cases[0].path, seconds=2, headers=cases[0].headers)
         with common.nginx_server(root, default_type="application/json") as nginx:
             offered_rps = 0.0
             for case in cases:
