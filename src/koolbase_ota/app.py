@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -52,6 +53,10 @@ def create_app(settings: Settings) -> OTAApp:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await cache.start()
+        # Everything built so far lives as long as the process: move it out of the collector's
+        # way, so full collections stay short and do not stall in-flight checks.
+        gc.collect()
+        gc.freeze()
         refresher = asyncio.create_task(cache.run(every_seconds=settings.cache_refresh_seconds))
         try:
             yield
