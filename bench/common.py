@@ -71,6 +71,10 @@ def repo_on_path() -> None:
         sys.path.insert(0, str(REPO))
 
 
+repo_on_path()
+# The /proc walk that finds a server's worker processes is the test harness's own.
+from tests.services import descendants  # noqa: E402
+
 # --------------------------------------------------------------------------------------------
 # tools
 
@@ -147,26 +151,6 @@ def _start_time(pid: int) -> str | None:
         return None if fields[0] in ("Z", "X") else fields[19]  # field 22: start time
     except (OSError, IndexError):
         return None
-
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of every descendant of ``pid``, found by walking /proc; parents come first."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            parent = int(_stat_fields(int(entry))[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    found: list[int] = []
-    queue = list(children.get(pid, []))
-    while queue:
-        child = queue.pop(0)
-        found.append(child)
-        queue.extend(children.get(child, []))
-    return found
 
 
 def _parent_death_signal() -> None:

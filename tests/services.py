@@ -97,7 +97,7 @@ def _log_tail(path: Path) -> str:
     return text[-LOG_TAIL_CHARS:] if text else "(log is empty)"
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """PIDs of every descendant of ``pid``, found by walking ``/proc``; parents come first."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -121,7 +121,7 @@ def _descendants(pid: int) -> list[int]:
 
 def _signal_tree(pid: int, signum: int) -> None:
     """Send ``signum`` to ``pid`` first, then to each of its descendants."""
-    for target in [pid, *_descendants(pid)]:
+    for target in [pid, *descendants(pid)]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(target, signum)
 
@@ -231,7 +231,7 @@ class _Service:
         if self._process is None:
             raise ServiceError(f"{self.name} is not running")
         pid = self._process.pid
-        for target in [*_descendants(pid), pid]:
+        for target in [*descendants(pid), pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(target, signal.SIGCONT)
         self._paused = False

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from koolbase_ota.bundles import service
 from koolbase_ota.bundles.multipart import check_declared_length, read_upload_form
 from koolbase_ota.bundles.schemas import BundleOut, ErrorOut, MandatoryIn
+from koolbase_ota.config import CHANNELS
 from koolbase_ota.deps import ContextDep, DashboardDep, ProjectDep, parse_id
 from koolbase_ota.errors import InvalidInput
 from koolbase_ota.metrics import UPLOAD_BYTES, UPLOADS
@@ -35,7 +36,7 @@ _UPLOAD_BODY = {
                         "bundle": {"type": "string", "format": "binary"},
                         "channel": {
                             "type": "string",
-                            "enum": ["production", "staging", "development"],
+                            "enum": list(CHANNELS),
                             "default": "production",
                         },
                         "mandatory": {"type": "string", "default": "false"},

@@ -304,11 +304,6 @@ def _bundle(session: Session, *, project_id: uuid.UUID, bundle_id: uuid.UUID) ->
     return bundle
 
 
-def get_bundle(db: Database, *, project_id: uuid.UUID, bundle_id: uuid.UUID) -> Bundle:
-    with db.read() as session:
-        return _bundle(session, project_id=project_id, bundle_id=bundle_id)
-
-
 def activate_bundle(
     db: Database, *, project_id: uuid.UUID, bundle_id: uuid.UUID, actor: str = audit.CLI
 ) -> Bundle:

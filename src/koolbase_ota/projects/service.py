@@ -110,12 +110,6 @@ def get_project(db: Database, *, project_id: uuid.UUID) -> Project:
     return project
 
 
-def list_environments(db: Database, *, project_id: uuid.UUID) -> list[Environment]:
-    with db.read() as session:
-        query = select(Environment).where(Environment.project_id == project_id)
-        return list(session.scalars(query.order_by(Environment.name)))
-
-
 def _add_token(
     session: Session, *, project_id: uuid.UUID, token: str, expires_at: dt.datetime | None
 ) -> DashboardToken:
@@ -215,11 +209,6 @@ def rotate_key(
             details={"environment": environment},
         )
     return key
-
-
-def authenticate_token(db: Database, *, token: str) -> uuid.UUID:
-    """Return the project a live dashboard token belongs to, or raise Unauthorized."""
-    return token_owner(db, token=token).project_id
 
 
 def token_owner(db: Database, *, token: str) -> TokenOwner:
