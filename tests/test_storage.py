@@ -74,3 +74,36 @@ def test_a_missing_object_is_the_one_not_found(store: BundleStore) -> None:
     if isinstance(store, S3BundleStore):
         with pytest.raises(ObjectNotFound):
             asyncio.run(store.copy("ota/p/production/v404.zip", "ota/p/production/v405.zip"))
+
+
+def test_multipart_uploads_take_turns_and_a_queued_one_gives_up_in_bounded_time(
+    seaweed: SeaweedService, tmp_path: Path
+) -> None:
+    """One multipart transfer at a time per process keeps four concurrent 50 MiB uploads
+    within the memory of one; one stuck behind a hung transfer is a 503, not a wait forever."""
+    from koolbase_ota.errors import StorageUnavailable
+
+    store = S3BundleStore(
+        bucket=seaweed.bucket,
+        prefix=seaweed.unique_prefix(),
+        endpoint=seaweed.endpoint,
+        region=seaweed.region,
+        timeout_seconds=1,
+        credentials={"access_key_id": seaweed.access_key, "secret_access_key": seaweed.secret_key},
+    )
+    source = tmp_path / "big.zip"
+    source.write_bytes(os.urandom(CHUNK_BYTES + 1))
+
+    async def scenario() -> None:
+        async with store._one_transfer():  # a transfer that does not finish
+            with pytest.raises(StorageUnavailable, match="busy"):
+                await store.put_file("ota/p/production/v1.zip", source)
+        # Once it is done, the next one goes through; two at once both complete.
+        await asyncio.gather(
+            store.put_file("ota/p/production/v1.zip", source),
+            store.put_file("ota/p/production/v2.zip", source),
+        )
+
+    asyncio.run(scenario())
+    assert asyncio.run(store.exists("ota/p/production/v1.zip"))
+    assert asyncio.run(store.exists("ota/p/production/v2.zip"))

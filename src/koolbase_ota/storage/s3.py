@@ -5,8 +5,12 @@ Devices download straight from the store with presigned URLs; this server never 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import logging
+import weakref
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +23,12 @@ from koolbase_ota.storage import ObjectExists, ObjectNotFound, StoredObject
 
 logger = logging.getLogger(__name__)
 
-#: Parts of a multipart upload; with `max_concurrency` this bounds the memory one upload uses.
+#: Parts of a multipart upload (S3's smallest); with `MAX_CONCURRENCY` parts in flight, this
+#: bounds the memory one upload uses.
 CHUNK_BYTES = 5 * 1024 * 1024
-MAX_CONCURRENCY = 2
+MAX_CONCURRENCY = 3
+#: How much of the spooled file is read into Python at a time.
+READ_BYTES = 1024 * 1024
 PROBE_KEY = ".koolbase-ota-readyz"
 _ZIP: dict[str, str] = {"Content-Type": "application/zip"}
 
@@ -53,6 +60,10 @@ class S3BundleStore:
         }
         self.bucket = bucket
         self.prefix = prefix.strip("/")
+        self.timeout_seconds = timeout_seconds
+        self._gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+            weakref.WeakKeyDictionary()
+        )
         self._store = S3Store(
             bucket,
             prefix=self.prefix or None,
@@ -85,19 +96,45 @@ class S3BundleStore:
                     return
                 if await self.exists(key):
                     raise ObjectExists(f"an object is already stored at {key}")
-                await obstore.put_async(
-                    self._store,
-                    key,
-                    handle,
-                    attributes=_ZIP,
-                    use_multipart=True,
-                    chunk_size=CHUNK_BYTES,
-                    max_concurrency=MAX_CONCURRENCY,
-                )
+                # A buffered writer fills one part while at most MAX_CONCURRENCY are on
+                # their way. An error inside the block abandons the upload: no object appears.
+                async with (
+                    self._one_transfer(),
+                    obstore.open_writer_async(
+                        self._store,
+                        key,
+                        attributes=_ZIP,
+                        buffer_size=CHUNK_BYTES,
+                        max_concurrency=MAX_CONCURRENCY,
+                    ) as writer,
+                ):
+                    while chunk := handle.read(READ_BYTES):
+                        await writer.write(chunk)
         except AlreadyExistsError as exc:
             raise ObjectExists(f"an object is already stored at {key}") from exc
         except (BaseError, OSError) as exc:
             raise _unavailable("store the bundle", exc) from exc
+
+    @contextlib.asynccontextmanager
+    async def _one_transfer(self) -> AsyncIterator[None]:
+        """One multipart transfer at a time per process: four uploads at once cost the
+        memory of one, and take about as long in all, since they share the same link.
+
+        Waiting is bounded like any store call, so a hung store cannot queue uploads forever.
+        """
+        loop = asyncio.get_running_loop()
+        # Per event loop: the CLI and tests may use one store from several loops.
+        gate = self._gates.setdefault(loop, asyncio.Semaphore(1))
+        try:
+            await asyncio.wait_for(gate.acquire(), timeout=self.timeout_seconds)
+        except TimeoutError:
+            raise StorageUnavailable(
+                "could not store the bundle: the object store is busy; try again"
+            ) from None
+        try:
+            yield
+        finally:
+            gate.release()
 
     async def copy(self, source_key: str, target_key: str) -> None:
         """Server-side copy; the target must not exist yet."""
