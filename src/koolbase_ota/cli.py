@@ -128,12 +128,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
         args.workers,
         settings.data_dir,
     )
-    # Granian: a Rust HTTP server that runs the ASGI app with far less overhead per request
-    # than a pure-Python one, and sends files without copying them through Python.
+    # Granian: a Rust HTTP server that runs the app with far less overhead per request than a
+    # pure-Python one. On its RSGI interface (koolbase_ota.rsgi) it also sends download files
+    # and ranges without their bytes passing through Python.
+    rsgi = settings.server_interface == "rsgi"
     Server(
-        "koolbase_ota.app:create_app_from_env",
+        "koolbase_ota.rsgi:create_rsgi_app_from_env"
+        if rsgi
+        else "koolbase_ota.app:create_app_from_env",
         factory=True,
-        interface=Interfaces.ASGI,
+        interface=Interfaces.RSGI if rsgi else Interfaces.ASGI,
         # Devices speak HTTP/1.1 (h2 needs TLS, which a load balancer terminates), and one
         # runtime thread per worker measured faster on the check than several.
         http=HTTPModes.http1,

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     access_log: bool = False
     # Comma-separated browser origins allowed to call the API (a web dashboard); empty: CORS off.
     cors_origins: str = ""
+    # How `serve` runs the app on granian: "rsgi" sends download files and ranges from Rust;
+    # "asgi" is the plain ASGI app, a fallback should the RSGI bridge ever misbehave.
+    server_interface: Literal["rsgi", "asgi"] = "rsgi"
     # The standard AWS variable names, without our prefix, as every S3 tool reads them.
     aws_access_key_id: str = Field(
         default="", validation_alias=AliasChoices("aws_access_key_id", "AWS_ACCESS_KEY_ID")

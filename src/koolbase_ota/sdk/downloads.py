@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import anyio.to_thread
 from fastapi import APIRouter, Request
 from starlette.responses import FileResponse, Response
 
 from koolbase_ota.bundles.schemas import ErrorOut
-from koolbase_ota.deps import ContextDep
+from koolbase_ota.deps import AppContext, ContextDep
 from koolbase_ota.errors import Forbidden, NotFound
+from koolbase_ota.storage import ObjectNotFound
 from koolbase_ota.storage.local import LocalStore
 from koolbase_ota.storage.signing import DOWNLOAD_PREFIX, verify
 
@@ -36,35 +39,72 @@ _MESSAGES = {
     summary="Download a bundle through a signed URL (embedded default only)",
 )
 async def download(key: str, request: Request, context: ContextDep) -> Response:
+    plan = await plan_download(
+        context,
+        key,
+        request.query_params.multi_items(),
+        range_header=request.headers.get("range"),
+        if_range="if-range" in request.headers,
+    )
+    if plan.span is not None and request.method == "GET":
+        return await _partial(plan)
+    # Whole files go out through the server's `http.response.pathsend` where it has it
+    # (granian does): the bytes never pass through Python.
+    return FileResponse(
+        plan.path, media_type="application/zip", headers=plan.headers, stat_result=plan.stat
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a valid download request gets: the file, and the one range to send, if any."""
+
+    path: Path
+    stat: os.stat_result
+    headers: dict[str, str]
+    #: (start, end exclusive) of a simple single range, served by us; None: the whole file,
+    #: or a Range header that Starlette's FileResponse answers (see `_single_range`).
+    span: tuple[int, int] | None
+    #: A Range header was sent that `span` does not cover.
+    other_range: bool
+
+
+async def plan_download(
+    context: AppContext,
+    key: str,
+    query: list[tuple[str, str]],
+    *,
+    range_header: str | None,
+    if_range: bool,
+) -> Plan:
+    """Checks the signature and that the bundle still exists; raises the refusal otherwise."""
     store = context.store
     if not isinstance(store, LocalStore):
         raise NotFound("bundles are downloaded from the object store", code="not_found")
-    refusal = verify(
-        context.settings.secret_key,
-        DOWNLOAD_PREFIX + key,
-        request.query_params.multi_items(),
-    )
+    refusal = verify(context.settings.secret_key, DOWNLOAD_PREFIX + key, query)
     if refusal is not None:
         raise Forbidden(_MESSAGES[refusal], code=refusal)
     checksum = await context.check_cache.checksum_of(key)
-    path = store.path_for(key)
     try:
+        path = store.path_for(key)
         stat = os.stat(path)
-    except FileNotFoundError:
+    except (ObjectNotFound, FileNotFoundError, NotADirectoryError):
         stat = None
     if checksum is None or stat is None:
         raise NotFound("bundle not found", code="bundle_not_found")
-    headers = {
-        "ETag": '"' + checksum.removeprefix("sha256:") + '"',
-        # The URL is signed and short-lived; a private cache may keep it, a shared one not.
-        "Cache-Control": "private, max-age=300",
-    }
-    span = _single_range(request, stat.st_size, headers["ETag"])
-    if span is not None and request.method == "GET":
-        return await _partial(path, span, stat.st_size, headers)
-    # Whole files go out through the server's `http.response.pathsend` where it has it
-    # (granian does): the bytes never pass through Python.
-    return FileResponse(path, media_type="application/zip", headers=headers, stat_result=stat)
+    etag = '"' + checksum.removeprefix("sha256:") + '"'
+    span = None if if_range else _single_range(range_header, stat.st_size)
+    return Plan(
+        path=path,
+        stat=stat,
+        headers={
+            "ETag": etag,
+            # The URL is signed and short-lived; a private cache may keep it, a shared one not.
+            "Cache-Control": "private, max-age=300",
+        },
+        span=span,
+        other_range=range_header is not None and span is None,
+    )
 
 
 #: Ranges up to this size are read in one call and sent in one message.
@@ -72,14 +112,13 @@ _ONE_READ = 8 * 1024 * 1024
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
-def _single_range(request: Request, size: int, etag: str) -> tuple[int, int] | None:
+def _single_range(header: str | None, size: int) -> tuple[int, int] | None:
     """(start, end exclusive) of a simple, satisfiable one-part range we serve ourselves.
 
     Anything else (several parts, If-Range, unsatisfiable or odd ranges) is left to Starlette's
     FileResponse, which implements the whole of RFC 9110 for it.
     """
-    header = request.headers.get("range")
-    if header is None or "if-range" in request.headers:
+    if header is None:
         return None
     match = _RANGE.fullmatch(header.strip())
     if match is None:
@@ -97,13 +136,12 @@ def _single_range(request: Request, size: int, etag: str) -> tuple[int, int] | N
     return start, end
 
 
-async def _partial(
-    path: os.PathLike[str], span: tuple[int, int], size: int, headers: dict[str, str]
-) -> Response:
-    start, end = span
+async def _partial(plan: Plan) -> Response:
+    assert plan.span is not None
+    start, end = plan.span
 
     def read() -> bytes:
-        with open(path, "rb") as handle:
+        with open(plan.path, "rb") as handle:
             return os.pread(handle.fileno(), end - start, start)
 
     body = await anyio.to_thread.run_sync(read)
@@ -111,12 +149,12 @@ async def _partial(
         body,
         status_code=206,
         media_type="application/zip",
-        headers={
-            **headers,
-            "Accept-Ranges": "bytes",
-            "Content-Range": f"bytes {start}-{start + len(body) - 1}/{size}",
-        },
+        headers={**plan.headers, **range_headers(start, start + len(body), plan.stat.st_size)},
     )
+
+
+def range_headers(start: int, end: int, size: int) -> dict[str, str]:
+    return {"Accept-Ranges": "bytes", "Content-Range": f"bytes {start}-{end - 1}/{size}"}
 
 
 router.add_api_route(

@@ -1,0 +1,222 @@
+"""The app on granian's RSGI interface: downloads straight from Rust, the rest through ASGI.
+
+RSGI lets the server send a file, or one range of it, without the bytes passing through
+Python; on ASGI granian can only send whole files that way, so ranges were read into Python
+first. `RSGIApp` answers valid signed downloads itself and hands every other request (the
+check included) to the same ASGI app that tests run in-process, through a small bridge that
+maps RSGI's scope and protocol onto ASGI's scope, `receive` and `send`.
+
+`koolbase-ota serve` runs this; `KOOLBASE_OTA_SERVER_INTERFACE=asgi` runs the ASGI app on
+granian directly instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, MutableMapping
+from email.utils import formatdate
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from koolbase_ota.app import OTAApp, create_app
+from koolbase_ota.config import Settings
+from koolbase_ota.errors import OTAError
+from koolbase_ota.metrics import LATENCY, REQUESTS
+from koolbase_ota.sdk.downloads import plan_download, range_headers
+from koolbase_ota.security import check_headers
+from koolbase_ota.storage.signing import DOWNLOAD_PREFIX
+
+logger = logging.getLogger(__name__)
+
+_DOWNLOAD_ROUTE = DOWNLOAD_PREFIX + "{key:path}"
+_SECURITY_HEADERS = [(name.decode(), value.decode()) for name, value in check_headers()]
+_INTERNAL_ERROR = b'{"error":"internal server error","code":"internal_error"}'
+
+
+class RSGIApp:
+    """An `OTAApp` served over RSGI; granian calls `__rsgi_init__`, `__rsgi__`, `__rsgi_del__`."""
+
+    def __init__(self, app: OTAApp) -> None:
+        self.app = app
+        self._lifespan: contextlib.AbstractAsyncContextManager[Any] | None = None
+        # CORS answers depend on the request's Origin: those downloads go through the app.
+        self._cors = bool(app.state.context.settings.cors_origins.strip())
+
+    # Lifespan: granian calls these with the worker's loop, before and after serving.
+
+    def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        loop.run_until_complete(self._lifespan.__aenter__())
+
+    def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._lifespan is not None:
+            loop.run_until_complete(self._lifespan.__aexit__(None, None, None))
+
+    async def __rsgi__(self, scope: Any, protocol: Any) -> None:
+        if scope.proto != "http":
+            protocol.close(1003)  # no WebSocket routes here
+            return
+        if (
+            scope.method == "GET"
+            and scope.path.startswith(DOWNLOAD_PREFIX)
+            and await self._send_file(scope, protocol)
+        ):
+            return
+        await _bridge(self.app, scope, protocol)
+
+    async def _send_file(self, scope: Any, protocol: Any) -> bool:
+        """Sends a valid download's file or range from Rust; False leaves it to the app.
+
+        Refusals, several-part ranges, If-Range and CORS requests are answered by the app,
+        which renders them exactly as on ASGI.
+        """
+        started = time.perf_counter()
+        headers = scope.headers
+        if self._cors and "origin" in headers:
+            return False
+        try:
+            plan = await plan_download(
+                self.app.state.context,
+                unquote(scope.path[len(DOWNLOAD_PREFIX) :]),
+                parse_qsl(scope.query_string, keep_blank_values=True),
+                range_header=headers.get("range"),
+                if_range="if-range" in headers,
+            )
+        except OTAError:
+            return False
+        if plan.other_range:
+            return False
+        answer = [
+            ("content-type", "application/zip"),
+            ("last-modified", formatdate(plan.stat.st_mtime, usegmt=True)),
+            *plan.headers.items(),
+            *_SECURITY_HEADERS,
+        ]
+        if plan.span is None:
+            status = 200
+            answer.append(("accept-ranges", "bytes"))
+            answer.append(("content-length", str(plan.stat.st_size)))
+            protocol.response_file(status, answer, str(plan.path))
+        else:
+            status = 206
+            start, end = plan.span
+            answer.extend(range_headers(start, end, plan.stat.st_size).items())
+            answer.append(("content-length", str(end - start)))
+            protocol.response_file_range(status, answer, str(plan.path), start, end)
+        REQUESTS.labels("GET", _DOWNLOAD_ROUTE, str(status)).inc()
+        LATENCY.labels("GET", _DOWNLOAD_ROUTE).observe(time.perf_counter() - started)
+        return True
+
+
+def _address(text: str) -> tuple[str, int] | None:
+    """`host:port` (or `[v6]:port`) as ASGI's (host, port)."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+async def _bridge(app: OTAApp, scope: Any, protocol: Any) -> None:
+    """One request through the ASGI app: RSGI's scope and protocol as ASGI's."""
+    raw_path: str = scope.path
+    asgi_scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": scope.http_version,
+        "method": scope.method,
+        "scheme": scope.scheme,
+        "path": unquote(raw_path),
+        "raw_path": raw_path.encode("latin-1", "replace"),
+        "query_string": scope.query_string.encode("latin-1", "replace"),
+        "root_path": "",
+        "headers": [
+            (name.encode("latin-1", "replace"), value.encode("latin-1", "replace"))
+            for name, value in scope.headers.items()
+        ],
+        "client": _address(scope.client),
+        "server": _address(scope.server),
+        "extensions": {"http.response.pathsend": {}},
+        "state": {},
+    }
+    receive = _Receiver(protocol)
+    sender = _Sender(protocol)
+    try:
+        await app(asgi_scope, receive, sender)
+    except Exception:
+        # The app's own handlers answer every error; this is the net below them.
+        logger.exception("unhandled error in %s %s", scope.method, raw_path)
+        if not sender.started:
+            protocol.response_bytes(500, [("content-type", "application/json")], _INTERNAL_ERROR)
+        return
+    if not sender.started:
+        protocol.response_empty(500, [])
+
+
+class _Receiver:
+    """ASGI `receive`: the body in the chunks the server has, then a wait for disconnect."""
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.chunks: AsyncIterator[bytes] | None = None
+        self.done = False
+
+    async def __call__(self) -> dict[str, Any]:
+        if not self.done:
+            if self.chunks is None:
+                self.chunks = self.protocol.__aiter__()
+            assert self.chunks is not None
+            try:
+                chunk = await self.chunks.__anext__()
+            except StopAsyncIteration:
+                self.done = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            return {"type": "http.request", "body": bytes(chunk), "more_body": True}
+        await self.protocol.client_disconnect()
+        return {"type": "http.disconnect"}
+
+
+class _Sender:
+    """ASGI `send`: one body in one call, several as a stream, a path as a file."""
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.status = 500
+        self.headers: list[tuple[str, str]] = []
+        self.stream: Any = None
+        self.started = False
+
+    async def __call__(self, message: MutableMapping[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status = message["status"]
+            self.headers = [
+                (name.decode("latin-1"), value.decode("latin-1"))
+                for name, value in message.get("headers", ())
+            ]
+        elif kind == "http.response.body":
+            body = message.get("body", b"")
+            more = message.get("more_body", False)
+            if self.stream is None:
+                if not more:
+                    self.started = True
+                    self.protocol.response_bytes(self.status, self.headers, body)
+                    return
+                self.started = True
+                self.stream = self.protocol.response_stream(self.status, self.headers)
+            if body:
+                await self.stream.send_bytes(body)
+        elif kind == "http.response.pathsend":
+            self.started = True
+            self.protocol.response_file(self.status, self.headers, message["path"])
+
+
+def create_rsgi_app(settings: Settings) -> RSGIApp:
+    return RSGIApp(create_app(settings))
+
+
+def create_rsgi_app_from_env() -> RSGIApp:
+    """Entry point for server workers: each reads the same environment the CLI was given."""
+    return create_rsgi_app(Settings())

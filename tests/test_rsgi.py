@@ -1,0 +1,169 @@
+"""`serve` on granian's RSGI interface (the default) answers as the plain ASGI app does.
+
+Signed downloads are sent from Rust (files and single ranges); everything else goes through
+the RSGI-to-ASGI bridge in `koolbase_ota.rsgi`. Each case runs against a real `serve` in both
+modes, so any difference between the two is a failure here.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.test_e2e import Server, auth, serving
+
+SECURITY_HEADERS = ("x-content-type-options", "x-frame-options", "content-security-policy")
+
+
+@dataclass
+class Published:
+    server: Server
+    interface: str
+    url: str
+    content: bytes
+    bundle_id: str
+
+
+def _publish(server: Server, interface: str) -> Published:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("payload.bin", os.urandom(300_000))
+    content = buffer.getvalue()
+    credentials = server.credentials()
+    api = f"{server.base_url}/v1/projects/{credentials['project_id']}/ota"
+    token = auth(credentials["dashboard_token"])
+    with httpx.Client(timeout=30) as client:
+        uploaded = client.post(
+            f"{api}/upload",
+            headers=token,
+            files={"bundle": ("bundle.zip", content, "application/zip")},
+        )
+        assert uploaded.status_code == 201, uploaded.text
+        bundle_id = uploaded.json()["id"]
+        activated = client.post(f"{api}/bundles/{bundle_id}/activate", headers=token)
+        assert activated.status_code == 200, activated.text
+        check = client.get(
+            f"{server.base_url}/v1/sdk/ota/check",
+            params={"version": 0},
+            headers={"x-api-key": credentials["public_keys"]["production"]},
+        )
+    assert check.status_code == 200, check.text
+    return Published(server, interface, check.json()["download_url"], content, bundle_id)
+
+
+@pytest.fixture(scope="module", params=["rsgi", "asgi"])
+def published(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Published]:
+    interface: str = request.param
+    data_dir: Path = tmp_path_factory.mktemp(f"serve-{interface}") / "data"
+    env = {"KOOLBASE_OTA_SERVER_INTERFACE": interface}
+    with serving(data_dir, f"serve-{interface}", env=env) as server:
+        yield _publish(server, interface)
+
+
+def _get(url: str, **headers: str) -> httpx.Response:
+    return httpx.get(url, headers=headers, timeout=30)
+
+
+def test_a_whole_file_has_its_length_headers_and_bytes(published: Published) -> None:
+    response = _get(published.url)
+    assert response.status_code == 200
+    assert response.content == published.content
+    assert response.headers["content-length"] == str(len(published.content))
+    assert response.headers["content-type"] == "application/zip"
+    assert response.headers["accept-ranges"] == "bytes"
+    assert response.headers["etag"].startswith('"')
+    assert "last-modified" in response.headers
+    for name in SECURITY_HEADERS:
+        assert name in response.headers
+
+
+@pytest.mark.parametrize(
+    ("header", "start", "end"),
+    [("bytes=100-199", 100, 200), ("bytes=-10", -10, None), ("bytes=299990-", 299990, None)],
+)
+def test_a_single_range_is_exactly_those_bytes(
+    published: Published, header: str, start: int, end: int | None
+) -> None:
+    expected = published.content[start:end]
+    response = _get(published.url, Range=header)
+    assert response.status_code == 206
+    assert response.content == expected
+    assert response.headers["content-length"] == str(len(expected))
+    first = start % len(published.content)
+    assert response.headers["content-range"] == (
+        f"bytes {first}-{first + len(expected) - 1}/{len(published.content)}"
+    )
+
+
+def test_ranges_the_fast_path_leaves_to_the_app_are_still_answered(
+    published: Published,
+) -> None:
+    several = _get(published.url, Range="bytes=0-1,10-11")
+    assert several.status_code == 206
+    assert several.headers["content-type"].startswith("multipart/byteranges")
+    unsatisfiable = _get(published.url, Range=f"bytes={len(published.content) + 5}-")
+    assert unsatisfiable.status_code == 416
+    stale = _get(published.url, Range="bytes=0-9", **{"If-Range": '"not-the-etag"'})
+    assert stale.status_code == 200
+    assert stale.content == published.content
+
+
+def test_head_tells_the_length_without_a_body(published: Published) -> None:
+    response = httpx.head(published.url, timeout=30)
+    assert response.status_code == 200
+    assert response.headers["content-length"] == str(len(published.content))
+    assert response.content == b""
+
+
+def test_refusals_are_the_apps_json_errors(published: Published) -> None:
+    forged = _get(published.url.replace("signature=", "signature=0"))
+    assert forged.status_code == 403
+    assert forged.json() == {"error": "invalid download URL signature", "code": "invalid_signature"}
+    unknown = _get(published.server.base_url + "/v1/downloads/ota/%C3%A9/x.zip?signature=a")
+    assert unknown.status_code == 403
+    assert unknown.json()["code"] == "invalid_signature"
+    for name in SECURITY_HEADERS:
+        assert name in forged.headers
+
+
+def test_downloads_served_from_rust_are_counted_in_metrics(published: Published) -> None:
+    before = _download_count(published.server.base_url)
+    for _ in range(3):
+        assert _get(published.url).status_code == 200
+    assert _download_count(published.server.base_url) == before + 3
+
+
+def _download_count(base_url: str) -> float:
+    metrics = httpx.get(base_url + "/metrics", timeout=30).text
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("koolbase_ota_requests_total{") and (
+            'route="/v1/downloads/{key:path}"' in line and 'status="200"' in line
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_a_deleted_bundle_stops_downloading(published: Published) -> None:
+    credentials = published.server.credentials()
+    api = f"{published.server.base_url}/v1/projects/{credentials['project_id']}/ota"
+    token = auth(credentials["dashboard_token"])
+    # Publish a second bundle to delete, so the module's bundle stays for the other cases.
+    other = _publish(published.server, published.interface)
+    assert _get(other.url).status_code == 200
+    deleted = httpx.delete(f"{api}/bundles/{other.bundle_id}", headers=token, timeout=30)
+    assert deleted.status_code == 204
+    gone = _get(other.url)
+    assert gone.status_code == 404
+    assert gone.json()["code"] == "bundle_not_found"
+    # The bridge passes an upload's body and an empty answer through unchanged.
+    assert _get(published.url).status_code == 200
