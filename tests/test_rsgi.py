@@ -167,3 +167,37 @@ def test_a_deleted_bundle_stops_downloading(published: Published) -> None:
     assert gone.json()["code"] == "bundle_not_found"
     # The bridge passes an upload's body and an empty answer through unchanged.
     assert _get(published.url).status_code == 200
+    # The module's bundle is the channel's active one again for the cases after this one.
+    again = httpx.post(f"{api}/bundles/{published.bundle_id}/activate", headers=token, timeout=30)
+    assert again.status_code == 200
+
+
+def test_the_check_answers_alike_in_both_modes(published: Published) -> None:
+    server = published.server
+    key = server.credentials()["public_keys"]["production"]
+    url = server.base_url + "/v1/sdk/ota/check"
+    offered = httpx.get(url, params={"version": 0}, headers={"x-api-key": key}, timeout=30)
+    assert offered.status_code == 200
+    assert offered.json()["has_update"] is True
+    assert offered.headers["content-length"] == str(len(offered.content))
+    assert offered.headers["cache-control"] == "no-store"
+    current = offered.json()["version"]
+    latest = httpx.get(url, params={"version": current}, headers={"x-api-key": key}, timeout=30)
+    assert latest.content == b'{"has_update":false}'
+    refusals = {
+        "missing_api_key": httpx.get(url, timeout=30),
+        "invalid_api_key": httpx.get(url, headers={"x-api-key": "pk_live_nope"}, timeout=30),
+        "invalid_version": httpx.get(
+            url, params={"version": "x"}, headers={"x-api-key": key}, timeout=30
+        ),
+        "invalid_channel": httpx.get(
+            url, params={"channel": "nope"}, headers={"x-api-key": key}, timeout=30
+        ),
+    }
+    for code, response in refusals.items():
+        assert response.status_code in (400, 401), code
+        assert response.json()["code"] == code
+        for name in SECURITY_HEADERS:
+            assert name in response.headers
+    # A check with a body or another method is not the check: the app answers it.
+    assert httpx.post(url, headers={"x-api-key": key}, timeout=30).status_code == 405

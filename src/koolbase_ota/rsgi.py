@@ -2,9 +2,10 @@
 
 RSGI lets the server send a file, or one range of it, without the bytes passing through
 Python; on ASGI granian can only send whole files that way, so ranges were read into Python
-first. `RSGIApp` answers valid signed downloads itself and hands every other request (the
-check included) to the same ASGI app that tests run in-process, through a small bridge that
-maps RSGI's scope and protocol onto ASGI's scope, `receive` and `send`.
+first. `RSGIApp` answers valid signed downloads itself, calls the check's bare endpoint with
+the little it reads, and hands every other request to the same ASGI app that tests run
+in-process, through a small bridge that maps RSGI's scope and protocol onto ASGI's scope,
+`receive` and `send`.
 
 `koolbase-ota serve` runs this; `KOOLBASE_OTA_SERVER_INTERFACE=asgi` runs the ASGI app on
 granian directly instead.
@@ -25,6 +26,7 @@ from koolbase_ota.app import OTAApp, create_app
 from koolbase_ota.config import Settings
 from koolbase_ota.errors import OTAError
 from koolbase_ota.metrics import LATENCY, REQUESTS
+from koolbase_ota.sdk.check import CHECK_PATH
 from koolbase_ota.sdk.downloads import plan_download, range_headers
 from koolbase_ota.security import check_headers
 from koolbase_ota.storage.signing import DOWNLOAD_PREFIX
@@ -59,12 +61,14 @@ class RSGIApp:
         if scope.proto != "http":
             protocol.close(1003)  # no WebSocket routes here
             return
-        if (
-            scope.method == "GET"
-            and scope.path.startswith(DOWNLOAD_PREFIX)
-            and await self._send_file(scope, protocol)
-        ):
-            return
+        if scope.method == "GET":
+            path = scope.path
+            endpoint = self.app.check_endpoint
+            if path == CHECK_PATH and endpoint is not None:
+                await endpoint(_check_scope(scope), _Answer(protocol))
+                return
+            if path.startswith(DOWNLOAD_PREFIX) and await self._send_file(scope, protocol):
+                return
         await _bridge(self.app, scope, protocol)
 
     async def _send_file(self, scope: Any, protocol: Any) -> bool:
@@ -109,6 +113,48 @@ class RSGIApp:
         REQUESTS.labels("GET", _DOWNLOAD_ROUTE, str(status)).inc()
         LATENCY.labels("GET", _DOWNLOAD_ROUTE).observe(time.perf_counter() - started)
         return True
+
+
+#: The only request headers the check reads: its key, and the client behind a trusted proxy.
+_CHECK_HEADERS = ("x-api-key", "x-forwarded-for")
+
+
+def _check_scope(scope: Any) -> dict[str, Any]:
+    """The part of an ASGI scope the check endpoint reads, built from RSGI's scope."""
+    headers = scope.headers
+    return {
+        "type": "http",
+        "method": "GET",
+        "path": CHECK_PATH,
+        "query_string": scope.query_string.encode("latin-1", "replace"),
+        "headers": [
+            (name.encode(), value.encode("latin-1", "replace"))
+            for name in _CHECK_HEADERS
+            if (value := headers.get(name)) is not None
+        ],
+        "client": _address(scope.client),
+    }
+
+
+class _Answer:
+    """ASGI `send` for an answer of one body: the whole response in one RSGI call."""
+
+    __slots__ = ("headers", "protocol", "status")
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.status = 500
+        self.headers: list[tuple[str, str]] = []
+
+    async def __call__(self, message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            self.headers = [
+                (name.decode("latin-1"), value.decode("latin-1"))
+                for name, value in message["headers"]
+            ]
+        else:
+            self.protocol.response_bytes(self.status, self.headers, message.get("body", b""))
 
 
 def _address(text: str) -> tuple[str, int] | None:
