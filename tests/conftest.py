@@ -150,12 +150,17 @@ def start_server(
 ) -> RunningServer:
     sock = free_socket()
     port = sock.getsockname()[1]
+    # Every test client is 127.0.0.1: rate limits stay off unless a test sets them.
+    overrides = {"check_rate_per_address": 0, "auth_failure_limit": 0, **overrides}
     settings = Settings(
         data_dir=data_dir, public_url=f"http://127.0.0.1:{port}", **overrides
     ).resolved()
     engine = create_db_engine(settings.database_url)
     upgrade_schema(engine, lock_dir=settings.data_dir)
-    config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="on")
+    # No proxy_headers: like granian in production, the app alone decides on X-Forwarded-For.
+    config = uvicorn.Config(
+        create_app(settings), log_level="warning", lifespan="on", proxy_headers=False
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -7,6 +7,7 @@ import contextlib
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
@@ -21,11 +22,19 @@ from koolbase_ota.deps import AppContext
 from koolbase_ota.error_handlers import install_error_handlers
 from koolbase_ota.ops import MetricsMiddleware
 from koolbase_ota.ops import router as ops_router
+from koolbase_ota.ratelimit import RateLimits
 from koolbase_ota.sdk.cache import CheckCache
 from koolbase_ota.sdk.check import CheckEndpoint, is_check
 from koolbase_ota.sdk.check import router as check_router
 from koolbase_ota.sdk.downloads import router as downloads_router
-from koolbase_ota.security import SecurityHeadersMiddleware, check_headers, cors_origins
+from koolbase_ota.security import (
+    BODY_TOO_LARGE_RESPONSE,
+    RATE_LIMITED_RESPONSE,
+    BodyLimitMiddleware,
+    SecurityHeadersMiddleware,
+    check_headers,
+    cors_origins,
+)
 from koolbase_ota.storage import open_store
 
 
@@ -72,9 +81,13 @@ def create_app(settings: Settings) -> OTAApp:
         description="Self-hostable over-the-air update server for Flutter apps.",
         lifespan=lifespan,
     )
-    app.state.context = AppContext(settings=settings, db=db, store=store, check_cache=cache)
-    app.check_endpoint = CheckEndpoint(cache, extra_headers=check_headers())
+    limits = RateLimits(settings)
+    app.state.context = AppContext(
+        settings=settings, db=db, store=store, check_cache=cache, limits=limits
+    )
+    app.check_endpoint = CheckEndpoint(cache, extra_headers=check_headers(), limits=limits)
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(MetricsMiddleware)
     origins = cors_origins(settings.cors_origins)
     if origins:
@@ -90,8 +103,14 @@ def create_app(settings: Settings) -> OTAApp:
     # Added last, so outermost: preflight answers and errors get the headers too.
     app.add_middleware(SecurityHeadersMiddleware)
     app.include_router(ops_router)
-    app.include_router(bundles_router)
-    app.include_router(audit_router)
+    # Every dashboard route may answer 429 once an address fails authentication too often, and
+    # 413 to a body over the limit (the upload documents its own 413).
+    dashboard_errors: dict[int | str, dict[str, Any]] = {
+        413: BODY_TOO_LARGE_RESPONSE,
+        429: RATE_LIMITED_RESPONSE,
+    }
+    app.include_router(bundles_router, responses=dashboard_errors)
+    app.include_router(audit_router, responses=dashboard_errors)
     app.include_router(check_router)
     app.include_router(downloads_router)
     return app

@@ -278,7 +278,12 @@ def cmd_gc(args: argparse.Namespace) -> None:
     db = _database(settings)
     store = open_store(settings)
     report = asyncio.run(
-        collect_garbage(db=db, store=store, grace=dt.timedelta(seconds=args.grace_seconds))
+        collect_garbage(
+            db=db,
+            store=store,
+            grace=dt.timedelta(seconds=args.grace_seconds),
+            tmp_dir=settings.data_dir / "tmp",
+        )
     )
     if args.json:
         _print_json({"removed": report.removed, "missing": report.missing, "failed": report.failed})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import time
@@ -30,6 +31,8 @@ class Settings(BaseSettings):
     # How long a backend may take before the request fails instead of waiting forever.
     database_timeout_seconds: float = Field(default=10.0, gt=0)
     storage_timeout_seconds: float = Field(default=10.0, gt=0)
+    # How long an upload's body may stall (no bytes arriving) before it is refused with 408.
+    upload_idle_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     # How often each process reads the change log; a change reaches every process within it.
     cache_refresh_seconds: float = Field(default=0.2, ge=0.01, le=1.0)
     # S3-compatible storage (KOOLBASE_OTA_STORAGE_URL=s3://bucket/prefix); credentials come from
@@ -44,6 +47,21 @@ class Settings(BaseSettings):
     # How `serve` runs the app on granian: "rsgi" sends download files and ranges from Rust;
     # "asgi" is the plain ASGI app, a fallback should the RSGI bridge ever misbehave.
     server_interface: Literal["rsgi", "asgi"] = "rsgi"
+    # Rate limits, per process (N processes: up to N times these). 0 turns a limit off.
+    # Per key is off: every device of an app shares its key, so a limit that bites an attacker
+    # holding the (public) key bites the whole fleet just the same.
+    check_rate_per_key: float = Field(default=0.0, ge=0)
+    check_burst_per_key: int = Field(default=0, ge=0)  # 0: one second's worth of the rate
+    check_rate_per_address: float = Field(default=20.0, ge=0)
+    check_burst_per_address: int = Field(default=100, ge=0)
+    auth_failure_limit: int = Field(default=10, ge=0)
+    auth_failure_window_seconds: float = Field(default=60.0, gt=0, le=24 * 3600)
+    # Most addresses or keys each limit remembers; the least recently seen go first.
+    rate_limit_max_entries: int = Field(default=100_000, ge=2)
+    # Comma-separated proxy addresses or CIDRs whose X-Forwarded-For names the client.
+    trusted_proxies: str = ""
+    # Largest body of any request but an upload (whose limit is max_bundle_bytes).
+    max_request_body_bytes: int = Field(default=64 * 1024, ge=1)
     # The standard AWS variable names, without our prefix, as every S3 tool reads them.
     aws_access_key_id: str = Field(
         default="", validation_alias=AliasChoices("aws_access_key_id", "AWS_ACCESS_KEY_ID")
@@ -63,6 +81,17 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        for item in value.split(","):
+            if item.strip():
+                try:
+                    ipaddress.ip_network(item.strip(), strict=False)
+                except ValueError:
+                    raise ValueError(f"not an address or CIDR: {item.strip()!r}") from None
+        return value
 
     @field_validator("secret_key")
     @classmethod

@@ -15,6 +15,7 @@ from koolbase_ota.config import Settings
 from koolbase_ota.db import Database
 from koolbase_ota.errors import NotFound, Unauthorized
 from koolbase_ota.projects import service as projects
+from koolbase_ota.ratelimit import RateLimited, RateLimits
 from koolbase_ota.sdk.cache import CheckCache
 from koolbase_ota.storage import BundleStore
 
@@ -27,6 +28,7 @@ class AppContext:
     db: Database
     store: BundleStore
     check_cache: CheckCache
+    limits: RateLimits
 
 
 async def get_context(request: Request) -> AppContext:
@@ -55,17 +57,30 @@ class Dashboard:
 
 async def authorised_dashboard(
     project_id: str,
+    request: Request,
     context: ContextDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Dashboard:
     """The path's project and the bearer token, once the token is shown to belong to it.
 
     A token of another project gets the same 404 as a project that does not exist, so a token
-    never learns which other projects exist.
+    never learns which other projects exist. An address with too many failed attempts gets 429
+    until its window passes, even with a valid token: whoever guesses cannot tell a right guess.
     """
-    if credentials is None:
-        raise Unauthorized("missing dashboard token", code="missing_token")
-    owner = await run_in_threadpool(projects.token_owner, context.db, token=credentials.credentials)
+    limits = context.limits
+    address = limits.client_address(request.scope)
+    retry_after = limits.auth_retry_after(address)
+    if retry_after is not None:
+        raise RateLimited(retry_after, "too many failed authentication attempts; retry later")
+    try:
+        if credentials is None:
+            raise Unauthorized("missing dashboard token", code="missing_token")
+        owner = await run_in_threadpool(
+            projects.token_owner, context.db, token=credentials.credentials
+        )
+    except Unauthorized:
+        limits.auth_failed(address)
+        raise
     try:
         wanted = uuid.UUID(project_id)
     except ValueError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio.to_thread
 from sqlalchemy import delete, select
@@ -24,14 +25,22 @@ class GcReport:
 
 
 async def collect_garbage(
-    *, db: Database, store: BundleStore, grace: dt.timedelta = dt.timedelta(hours=1)
+    *,
+    db: Database,
+    store: BundleStore,
+    grace: dt.timedelta = dt.timedelta(hours=1),
+    tmp_dir: Path | None = None,
 ) -> GcReport:
     """Remove recorded and unreferenced files; list rows whose file is gone.
 
     Files younger than `grace` are left alone: they may belong to an upload still in flight.
+    With `tmp_dir` (the data dir's `tmp`), staged uploads left there by a server that died
+    mid-upload are removed too, and listed in `removed` by their full path.
     """
     report = GcReport()
     cutoff = utcnow() - grace
+    if tmp_dir is not None:
+        report.removed += await anyio.to_thread.run_sync(_remove_stale_uploads, tmp_dir, cutoff)
 
     def snapshot() -> tuple[set[str], list[PendingObject]]:
         with db.read() as session:
@@ -73,3 +82,18 @@ async def collect_garbage(
         if not await store.exists(path):
             report.missing.append(path)
     return report
+
+
+def _remove_stale_uploads(tmp_dir: Path, cutoff: dt.datetime) -> list[str]:
+    """Staged uploads not written to since `cutoff`: a live upload writes to its file as the
+    bytes arrive and stalls for at most the upload idle timeout, far less than the grace."""
+    removed = []
+    for path in sorted(tmp_dir.glob("upload-*")):
+        try:
+            modified = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
+            if path.is_file() and modified < cutoff:
+                path.unlink()
+                removed.append(str(path))
+        except FileNotFoundError:  # finished or discarded meanwhile
+            continue
+    return removed

@@ -1,7 +1,8 @@
 """Streaming parser for the upload form: the bundle goes to a temporary file as it arrives.
 
 The size limit is enforced while reading, and SHA-256 and size are computed in the same pass,
-so a 50 MiB upload never costs 50 MiB of memory.
+so a 50 MiB upload never costs 50 MiB of memory. The form around the bundle is bounded too (how
+many fields, how long each), and so is how long the client may leave the body waiting.
 """
 
 from __future__ import annotations
@@ -10,22 +11,37 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import anyio
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from koolbase_ota.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from koolbase_ota.errors import InvalidInput, OTAError, PayloadTooLarge, UnsupportedMediaType
 
 BUNDLE_FIELD = "bundle"
 _FEED_BYTES = 1024 * 1024
-MAX_FIELD_BYTES = 64 * 1024
-MAX_PARTS = 32
-#: What the form may add to the bundle's bytes: boundaries, part headers, small fields.
-FORM_OVERHEAD_BYTES = MAX_PARTS * 1024 + 4 * MAX_FIELD_BYTES
+#: The form has four fields; a few more (a client's own extras) are tolerated and ignored.
+MAX_PARTS = 16
+#: A text field's bytes: `channel` and `mandatory` are a few bytes long.
+MAX_FIELD_BYTES = 4 * 1024
+MAX_RELEASE_NOTES = 10_000
+#: `release_notes` may hold MAX_RELEASE_NOTES characters of up to four UTF-8 bytes each.
+_FIELD_BYTES = {"release_notes": 4 * MAX_RELEASE_NOTES}
+#: What the form may add to the bundle's bytes: boundaries and part headers (a real client's
+#: are well under 1 KiB a part; the parser itself refuses one over 8 headers of 4224 bytes),
+#: and the text fields.
+FORM_OVERHEAD_BYTES = MAX_PARTS * 1024 + MAX_PARTS * MAX_FIELD_BYTES + 4 * MAX_RELEASE_NOTES
+
+
+class UploadTimeout(OTAError):
+    """The client stopped sending the upload's body for longer than the idle timeout."""
+
+    status_code = 408
+    default_code = "upload_timeout"
 
 
 @dataclass
@@ -118,7 +134,7 @@ class _FormReader:
             self._file.write(chunk)
             return
         self._value += chunk
-        if len(self._value) > MAX_FIELD_BYTES:
+        if len(self._value) > _FIELD_BYTES.get(self._name or "", MAX_FIELD_BYTES):
             raise InvalidInput(f"form field {self._name!r} is too long", code="field_too_long")
 
     def on_part_end(self) -> None:
@@ -184,29 +200,41 @@ def boundary_of(content_type: str | None) -> bytes:
 
 
 async def read_upload_form(
-    chunks: AsyncIterator[bytes],
+    chunks: AsyncIterable[bytes],
     *,
     content_type: str | None,
     max_bundle_bytes: int,
     tmp_dir: Path,
+    idle_timeout_seconds: float | None = None,
 ) -> StagedUpload:
-    """Parse the multipart body; the caller must `discard()` the result when done with it."""
+    """Parse the multipart body; the caller must `discard()` the result when done with it.
+
+    A client that sends nothing for `idle_timeout_seconds` gets UploadTimeout (408) and its
+    partial upload is discarded. The whole body, not only the bundle, is bounded: without a
+    `Content-Length` a client could otherwise stream an endless preamble or epilogue.
+    """
     boundary = boundary_of(content_type)
     staged = StagedUpload()
     reader = _FormReader(max_bundle_bytes=max_bundle_bytes, tmp_dir=tmp_dir, staged=staged)
     parser = MultipartParser(boundary, reader.callbacks())  # type: ignore[arg-type]
+    max_body_bytes = max_bundle_bytes + FORM_OVERHEAD_BYTES
     try:
         # The server hands the body over in small pieces; the parser's cost is per call, so
         # feed it up to a megabyte at a time, and never much past the size limit.
         feed_bytes = min(_FEED_BYTES, max(16 * 1024, max_bundle_bytes // 4))
         pending: list[bytes] = []
         pending_bytes = 0
-        async for chunk in chunks:
-            pending.append(chunk)
-            pending_bytes += len(chunk)
-            if pending_bytes >= feed_bytes:
-                parser.write(b"".join(pending))
-                pending, pending_bytes = [], 0
+        body_bytes = 0
+        async with contextlib.aclosing(_idle_bounded(chunks, idle_timeout_seconds)) as body:
+            async for chunk in body:
+                body_bytes += len(chunk)
+                if body_bytes > max_body_bytes:
+                    raise _too_large(max_bundle_bytes)
+                pending.append(chunk)
+                pending_bytes += len(chunk)
+                if pending_bytes >= feed_bytes:
+                    parser.write(b"".join(pending))
+                    pending, pending_bytes = [], 0
         if pending_bytes:
             parser.write(b"".join(pending))
         parser.finalize()
@@ -221,3 +249,23 @@ async def read_upload_form(
         staged.discard()
         raise
     return staged
+
+
+async def _idle_bounded(
+    chunks: AsyncIterable[bytes], idle_timeout_seconds: float | None
+) -> AsyncGenerator[bytes]:
+    """The chunks, failing with UploadTimeout when the next one takes longer than the timeout."""
+    iterator = aiter(chunks)
+    while True:
+        with anyio.move_on_after(idle_timeout_seconds) as waiting:
+            chunk = await anext(iterator, None)
+        if waiting.cancelled_caught:
+            raise UploadTimeout(
+                f"no upload data arrived for {idle_timeout_seconds:g} s; the upload was discarded",
+                # The body was not read to its end, so this connection cannot carry another
+                # request.
+                headers={"Connection": "close"},
+            )
+        if chunk is None:
+            return
+        yield chunk

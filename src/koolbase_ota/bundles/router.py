@@ -21,7 +21,8 @@ from koolbase_ota.metrics import UPLOAD_BYTES, UPLOADS
 router = APIRouter(prefix="/v1/projects/{project_id}/ota", tags=["bundles"])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorOut} for status in (400, 401, 404)
+    **{status: {"model": ErrorOut} for status in (400, 401, 404)},
+    503: {"model": ErrorOut, "description": "The database or the store is unavailable"},
 }
 
 _UPLOAD_BODY = {
@@ -55,6 +56,10 @@ _UPLOAD_BODY = {
     response_model=BundleOut,
     responses={
         **_ERRORS,
+        408: {
+            "model": ErrorOut,
+            "description": "The body stalled for longer than the upload idle timeout",
+        },
         413: {"model": ErrorOut},
         415: {"model": ErrorOut},
         422: {"model": ErrorOut},
@@ -74,6 +79,7 @@ async def upload_bundle(
         content_type=request.headers.get("content-type"),
         max_bundle_bytes=settings.max_bundle_bytes,
         tmp_dir=settings.data_dir / "tmp",
+        idle_timeout_seconds=settings.upload_idle_timeout_seconds,
     )
     try:
         bundle = await service.upload_bundle(

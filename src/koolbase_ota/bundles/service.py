@@ -20,16 +20,15 @@ from sqlalchemy.orm import Session
 
 from koolbase_ota import audit, changes
 from koolbase_ota.bundles.models import Bundle, PendingObject
-from koolbase_ota.bundles.multipart import StagedUpload
+from koolbase_ota.bundles.multipart import MAX_RELEASE_NOTES, StagedUpload
 from koolbase_ota.bundles.validation import ZipLimits, validate_zip
 from koolbase_ota.db import Database, utcnow
 from koolbase_ota.errors import DatabaseUnavailable, InvalidInput, NotFound, OTAError
 from koolbase_ota.projects.models import Channel
-from koolbase_ota.storage import BundleStore
+from koolbase_ota.storage import BundleStore, StoreOutcomeUnknown
 
 logger = logging.getLogger(__name__)
 
-MAX_RELEASE_NOTES = 10_000
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
 T = TypeVar("T")
@@ -126,9 +125,14 @@ async def upload_bundle(
     path = await _db(allocate)
     version = int(path.rsplit("/v", 1)[1].removesuffix(".zip"))
 
-    # 2. Store the file. If that fails nothing references it; drop the record.
+    # 2. Store the file. If that fails nothing references it; drop the record, unless the
+    #    store may still finish the write (a timed-out PUT): then the record stays and `gc`
+    #    removes whatever lands.
     try:
         await store.put_file(path, bundle_path)
+    except StoreOutcomeUnknown:
+        logger.warning("storing %s failed midway; left recorded for gc", path)
+        raise
     except BaseException:
         await _forget_pending(db, path)
         raise

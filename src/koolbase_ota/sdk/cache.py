@@ -171,6 +171,9 @@ class CheckCache:
                     Bundle.channel == name,
                     Bundle.mandatory,
                     Bundle.released_at.is_not(None),
+                    # A rolled-back mandatory release above the offer is not what the device
+                    # gets, so it does not make the offer mandatory.
+                    Bundle.version <= active.version,
                 )
             )
         return ChannelState(

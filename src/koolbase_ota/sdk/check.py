@@ -12,7 +12,7 @@ import time
 from typing import Annotated, Any
 from urllib.parse import unquote_plus
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel
 from starlette.responses import Response
@@ -20,7 +20,9 @@ from starlette.types import Scope, Send
 
 from koolbase_ota.bundles.schemas import ErrorOut
 from koolbase_ota.deps import ContextDep
+from koolbase_ota.ratelimit import RateLimits
 from koolbase_ota.sdk.cache import CHECK_ROUTE, CheckCache
+from koolbase_ota.security import RATE_LIMITED_RESPONSE
 
 CHECK_PATH = CHECK_ROUTE
 DEFAULT_CHANNEL = "production"
@@ -39,6 +41,7 @@ _ERRORS = {
     "invalid_version": (400, _error("version must be a non-negative integer", "invalid_version")),
     "invalid_channel": (400, _error("unknown channel", "invalid_channel")),
 }
+_RATE_LIMITED = _error("too many requests; retry later", "rate_limited")
 
 
 _MISSING: Any = object()
@@ -110,10 +113,15 @@ class CheckEndpoint:
     """Answers a GET of CHECK_PATH without the framework: no routing, no dependencies."""
 
     def __init__(
-        self, cache: CheckCache, extra_headers: list[tuple[bytes, bytes]] | None = None
+        self,
+        cache: CheckCache,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
+        limits: RateLimits | None = None,
     ) -> None:
         self.cache = cache
         self.headers = _JSON_HEADERS + (extra_headers or [])
+        # No limit configured: not even the call, the check is the hot path.
+        self.limits = limits if limits is not None and limits.limits_checks else None
 
     async def __call__(self, scope: Scope, send: Send) -> None:
         started = time.perf_counter()
@@ -121,22 +129,34 @@ class CheckEndpoint:
         for name, value in scope["headers"]:
             if name == b"x-api-key":
                 api_key = value.decode("latin-1")
-        query = parse_query(scope["query_string"])
-        try:
-            status, body, hit, error = await answer(
-                self.cache,
-                api_key=api_key,
-                channel=query.get("channel"),
-                version=query.get("version"),
-            )
-        except Exception:
-            # A cold entry and a database that is down: the one case with no answer to give.
-            status, body, hit, error = 503, _UNAVAILABLE, False, "database_unavailable"
+        headers = self.headers
+        error: str | None
+        # Before anything else, so a flood of invented keys never reaches the database.
+        retry_after = (
+            None
+            if self.limits is None
+            else self.limits.check(api_key, self.limits.client_address(scope))
+        )
+        if retry_after is not None:
+            status, body, hit, error = 429, _RATE_LIMITED, True, "rate_limited"
+            headers = [*headers, (b"retry-after", str(retry_after).encode())]
+        else:
+            query = parse_query(scope["query_string"])
+            try:
+                status, body, hit, error = await answer(
+                    self.cache,
+                    api_key=api_key,
+                    channel=query.get("channel"),
+                    version=query.get("version"),
+                )
+            except Exception:
+                # A cold entry and a database that is down: the one case with no answer to give.
+                status, body, hit, error = 503, _UNAVAILABLE, False, "database_unavailable"
         await send(
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [*self.headers, (b"content-length", str(len(body)).encode())],
+                "headers": [*headers, (b"content-length", str(len(body)).encode())],
             }
         )
         await send({"type": "http.response.body", "body": body})
@@ -166,10 +186,16 @@ class CheckOut(BaseModel):
 @router.get(
     CHECK_PATH,
     response_model=CheckOut,
-    responses={400: {"model": ErrorOut}, 401: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+    responses={
+        400: {"model": ErrorOut},
+        401: {"model": ErrorOut},
+        429: RATE_LIMITED_RESPONSE,
+        503: {"model": ErrorOut},
+    },
     summary="Check for a newer active bundle; returns a download URL if there is one",
 )
 async def check(
+    request: Request,
     context: ContextDep,
     api_key: Annotated[str | None, Depends(_api_key)],
     channel: Annotated[str | None, Query(description="Defaults to production")] = None,
@@ -177,6 +203,15 @@ async def check(
         str | None, Query(description="The version the device has; 0 = none")
     ] = None,
 ) -> Response:
+    limits = context.limits
+    retry_after = limits.check(api_key, limits.client_address(request.scope))
+    if retry_after is not None:
+        return Response(
+            _RATE_LIMITED,
+            status_code=429,
+            media_type="application/json",
+            headers={"Cache-Control": "no-store", "Retry-After": str(retry_after)},
+        )
     status, body, _hit, _error_code = await answer(
         context.check_cache, api_key=api_key, channel=channel, version=version
     )

@@ -26,6 +26,12 @@ class ObjectExists(StorageUnavailable):
     default_code = "object_exists"
 
 
+class StoreOutcomeUnknown(StorageUnavailable):
+    """A write failed in a way that may still have stored the object: a timeout or a dropped
+    connection, after which the store can finish the request it already holds. Whoever wrote
+    must keep the key recorded for `gc` rather than assume nothing is there."""
+
+
 @dataclass(frozen=True)
 class StoredObject:
     key: str

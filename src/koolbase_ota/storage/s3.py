@@ -19,7 +19,7 @@ from obstore.exceptions import AlreadyExistsError, BaseError, NotSupportedError
 from obstore.store import S3Store
 
 from koolbase_ota.errors import StorageUnavailable
-from koolbase_ota.storage import ObjectExists, ObjectNotFound, StoredObject
+from koolbase_ota.storage import ObjectExists, ObjectNotFound, StoredObject, StoreOutcomeUnknown
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ class S3BundleStore:
         except AlreadyExistsError as exc:
             raise ObjectExists(f"an object is already stored at {key}") from exc
         except (BaseError, OSError) as exc:
-            raise _unavailable("store the bundle", exc) from exc
+            # A PUT that timed out may still land (a frozen store wakes up and finishes it).
+            raise _unavailable("store the bundle", exc, kind=StoreOutcomeUnknown) from exc
 
     @contextlib.asynccontextmanager
     async def _one_transfer(self) -> AsyncIterator[None]:
@@ -196,7 +197,9 @@ class S3BundleStore:
             raise _unavailable("reach the object store", exc) from exc
 
 
-def _unavailable(action: str, exc: Exception) -> StorageUnavailable:
+def _unavailable(
+    action: str, exc: Exception, *, kind: type[StorageUnavailable] = StorageUnavailable
+) -> StorageUnavailable:
     # obstore's messages name the URL but never the credentials; keep only the kind for clients.
     logger.warning("object store: could not %s: %s", action, type(exc).__name__)
-    return StorageUnavailable(f"could not {action}: the object store is unavailable")
+    return kind(f"could not {action}: the object store is unavailable")
