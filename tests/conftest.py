@@ -40,6 +40,14 @@ BUNDLE_FIELDS = {
     "release_notes",
     "created_at",
     "updated_at",
+    # Added by issue 6 (release history); additive, so seed clients are unaffected.
+    "platform",
+    "min_app_version",
+    "max_app_version",
+    "rollout_percentage",
+    "released_at",
+    "recalled_at",
+    "promoted_from",
 }
 #: The keys of a check answer that offers an update.
 OFFER_FIELDS = {

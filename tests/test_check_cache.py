@@ -60,6 +60,47 @@ def test_a_warm_check_reads_nothing_from_the_database(
     assert statements.statements == []
 
 
+def test_a_warm_targeted_rolled_out_check_reads_nothing_on_either_endpoint(
+    server: RunningServer, client: httpx.Client, project: Project, statements: StatementLog
+) -> None:
+    """Issue 6: history walks, targeting, rollouts and recalls are answered from the cache."""
+    auth = project.auth
+    first = released(client, project)
+    recalled = released(client, project, platform="android")
+    released(client, project, platform="ios", min_app_version="2.0")
+    head = released(client, project)
+    path = project.path(f"/bundles/{head['id']}")
+    assert client.patch(path, headers=auth, json={"rollout_percentage": 30}).status_code == 200
+    assert client.post(project.path(f"/bundles/{recalled['id']}/recall"), headers=auth).is_success
+    time.sleep(server.settings.cache_refresh_seconds * 3)
+    devices = [
+        {"device_id": f"device-{n}", "platform": platform, "app_version": app}
+        for n in range(10)
+        for platform, app in (("ios", "2.1"), ("android", "1.0"), ("flutter", "3"))
+    ]
+
+    def ask_all() -> list[bytes]:
+        bodies = []
+        for device in devices:
+            for version in (0, first["version"], recalled["version"]):
+                seed = client.get(
+                    CHECK, params={"version": version, **device}, headers=project.key()
+                )
+                push = client.get(
+                    "/v1/code-push/check",
+                    params={"channel": "production", "current_bundle": version, **device},
+                    headers=project.key(),
+                )
+                assert seed.status_code == push.status_code == 200
+                bodies += [seed.content, push.content]
+        return bodies
+
+    warm = ask_all()
+    statements.statements.clear()
+    assert ask_all() == warm
+    assert statements.statements == []
+
+
 def test_unknown_keys_are_cached_too(
     server: RunningServer, client: httpx.Client, statements: StatementLog
 ) -> None:

@@ -201,3 +201,38 @@ def test_the_check_answers_alike_in_both_modes(published: Published) -> None:
             assert name in response.headers
     # A check with a body or another method is not the check: the app answers it.
     assert httpx.post(url, headers={"x-api-key": key}, timeout=30).status_code == 405
+
+
+def test_the_code_push_check_answers_alike_in_both_modes(published: Published) -> None:
+    server = published.server
+    credentials = server.credentials()
+    key = credentials["public_keys"]["production"]
+    url = server.base_url + "/v1/code-push/check"
+    query: dict[str, str | int] = {
+        "app_version": "2.4.1",
+        "platform": "ios",
+        "device_id": "d-1",
+        "current_bundle": 0,
+    }
+    # The default channel, stable, is the project's once it adds it.
+    missing = httpx.get(url, params=query, headers={"x-api-key": key}, timeout=30)
+    assert missing.status_code == 400
+    assert missing.json()["code"] == "invalid_channel"
+    offered = httpx.get(
+        url, params={**query, "channel": "production"}, headers={"x-api-key": key}, timeout=30
+    )
+    assert offered.status_code == 200, offered.text
+    body = offered.json()
+    assert body["status"] == "update_available"
+    assert body["bundle"]["bundle_id"] == published.bundle_id
+    assert _get(body["bundle"]["download_url"]).content == published.content
+    current = httpx.get(
+        url,
+        params={**query, "channel": "production", "current_bundle": body["bundle"]["version"]},
+        headers={"x-api-key": key},
+        timeout=30,
+    )
+    assert current.json() == {"status": "no_update"}
+    unknown = httpx.get(url, params=query, headers={"x-api-key": "pk_live_nope"}, timeout=30)
+    assert unknown.status_code == 401
+    assert unknown.json()["code"] == "invalid_api_key"

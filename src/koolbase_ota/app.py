@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 
 from koolbase_ota import __version__
 from koolbase_ota.audit_router import router as audit_router
+from koolbase_ota.bundles.release_router import router as release_router
 from koolbase_ota.bundles.router import router as bundles_router
 from koolbase_ota.config import Settings
 from koolbase_ota.db import Database, create_db_engine
@@ -22,10 +23,13 @@ from koolbase_ota.deps import AppContext
 from koolbase_ota.error_handlers import install_error_handlers
 from koolbase_ota.ops import MetricsMiddleware
 from koolbase_ota.ops import router as ops_router
+from koolbase_ota.projects.router import router as channels_router
 from koolbase_ota.ratelimit import RateLimits
 from koolbase_ota.sdk.cache import CheckCache
 from koolbase_ota.sdk.check import CheckEndpoint, is_check
 from koolbase_ota.sdk.check import router as check_router
+from koolbase_ota.sdk.codepush import CodePushEndpoint, is_code_push
+from koolbase_ota.sdk.codepush import router as code_push_router
 from koolbase_ota.sdk.downloads import router as downloads_router
 from koolbase_ota.security import (
     BODY_TOO_LARGE_RESPONSE,
@@ -42,10 +46,14 @@ class OTAApp(FastAPI):
     """FastAPI, with the SDK check answered in front of it: the hot path skips the framework."""
 
     check_endpoint: CheckEndpoint | None = None
+    code_push_endpoint: CodePushEndpoint | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.check_endpoint is not None and is_check(scope):
             await self.check_endpoint(scope, send)
+            return
+        if self.code_push_endpoint is not None and is_code_push(scope):
+            await self.code_push_endpoint(scope, send)
             return
         await super().__call__(scope, receive, send)
 
@@ -57,7 +65,12 @@ def create_app(settings: Settings) -> OTAApp:
         create_db_engine(settings.database_url, timeout_seconds=settings.database_timeout_seconds)
     )
     store = open_store(settings)
-    cache = CheckCache(db=db, store=store, url_ttl_seconds=settings.url_ttl_seconds)
+    cache = CheckCache(
+        db=db,
+        store=store,
+        url_ttl_seconds=settings.url_ttl_seconds,
+        signing_key=settings.secret_key,
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -86,6 +99,7 @@ def create_app(settings: Settings) -> OTAApp:
         settings=settings, db=db, store=store, check_cache=cache, limits=limits
     )
     app.check_endpoint = CheckEndpoint(cache, extra_headers=check_headers(), limits=limits)
+    app.code_push_endpoint = CodePushEndpoint(cache, extra_headers=check_headers(), limits=limits)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(MetricsMiddleware)
@@ -110,8 +124,11 @@ def create_app(settings: Settings) -> OTAApp:
         429: RATE_LIMITED_RESPONSE,
     }
     app.include_router(bundles_router, responses=dashboard_errors)
+    app.include_router(release_router, responses=dashboard_errors)
+    app.include_router(channels_router, responses=dashboard_errors)
     app.include_router(audit_router, responses=dashboard_errors)
     app.include_router(check_router)
+    app.include_router(code_push_router)
     app.include_router(downloads_router)
     return app
 

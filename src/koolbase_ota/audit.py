@@ -26,10 +26,14 @@ BUNDLE_UPLOAD = "bundle.upload"
 BUNDLE_ACTIVATE = "bundle.activate"
 BUNDLE_MANDATORY = "bundle.mandatory"
 BUNDLE_DELETE = "bundle.delete"
+BUNDLE_UPDATE = "bundle.update"
+BUNDLE_RECALL = "bundle.recall"
 TOKEN_CREATE = "token.create"  # noqa: S105  (an action name, not a secret)
 TOKEN_REVOKE = "token.revoke"  # noqa: S105  (an action name, not a secret)
 KEY_ROTATE = "key.rotate"
 PROJECT_CREATE = "project.create"
+CHANNEL_ADD = "channel.add"
+BUNDLE_PROMOTE = "bundle.promote"
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000

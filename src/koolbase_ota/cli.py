@@ -1,9 +1,10 @@
-"""The `koolbase-ota` command: serve, project, token, key, audit, db, gc, move."""
+"""The `koolbase-ota` command: serve, project, token, key, channel, bundle, audit, db, gc, move."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -11,10 +12,11 @@ import logging.config
 import os
 import shutil
 import sys
+import traceback
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import ValidationError
 
@@ -24,10 +26,17 @@ from koolbase_ota.config import Settings
 from koolbase_ota.db import Database, create_db_engine, migration_lock, upgrade_schema
 from koolbase_ota.errors import OTAError
 from koolbase_ota.logs import ACCESS_LOG_FORMAT, logging_config
+from koolbase_ota.projects import channels
 from koolbase_ota.projects import service as projects
+from koolbase_ota.projects.channels import ChannelInfo
 from koolbase_ota.projects.models import DashboardToken
 from koolbase_ota.projects.service import CreatedProject
 from koolbase_ota.storage import open_store
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from koolbase_ota.bundles.models import Bundle
 
 logger = logging.getLogger("koolbase_ota")
 CREDENTIALS_FILE = "credentials.json"
@@ -58,10 +67,16 @@ def _database(settings: Settings, *, announce: bool = False) -> Database:
     engine = create_db_engine(
         settings.database_url, timeout_seconds=settings.database_timeout_seconds
     )
+    _ENGINES.append(engine)
     revision = upgrade_schema(engine, lock_dir=settings.data_dir)
     if revision is not None and announce:
         logger.info("migrated the database to revision %s", revision)
     return Database(engine)
+
+
+#: Every engine this command opened, closed by `run` before it exits (SQLite checkpoints its
+#: write-ahead log when the last connection closes).
+_ENGINES: list[Engine] = []
 
 
 def _uuid(raw: str, what: str) -> uuid.UUID:
@@ -266,6 +281,186 @@ def cmd_audit(args: argparse.Namespace) -> None:
         print(f"{row['at']}  {row['actor']}  {row['action']}  {row['target']}  {details}")
 
 
+def _channel_json(info: ChannelInfo) -> dict[str, Any]:
+    return {"name": info.name, "created_at": rfc3339(info.created_at), "builtin": info.builtin}
+
+
+def cmd_channel_add(args: argparse.Namespace) -> None:
+    info = channels.add_channel(
+        _database(_settings()), project_id=_uuid(args.project, "--project"), name=args.name
+    )
+    if args.json:
+        _print_json(_channel_json(info))
+        return
+    print(f"added channel {info.name}")
+
+
+def cmd_channel_list(args: argparse.Namespace) -> None:
+    found = channels.list_channels(
+        _database(_settings()), project_id=_uuid(args.project, "--project")
+    )
+    rows = [_channel_json(info) for info in found]
+    if args.json:
+        _print_json(rows)
+        return
+    for row in rows:
+        kind = "built-in" if row["builtin"] else "added"
+        print(f"{row['name']}  {kind}  created {row['created_at']}")
+
+
+# The bundle commands import the bundle modules when they run, as `gc` does: every other
+# command starts faster without them.
+
+
+def _bundle_json(bundle: Bundle) -> dict[str, Any]:
+    """The bundle object exactly as the API answers it."""
+    from koolbase_ota.bundles.schemas import BundleOut
+
+    data: dict[str, Any] = BundleOut.of(bundle).model_dump(mode="json")
+    return data
+
+
+def _bundle_line(bundle: Bundle) -> str:
+    parts = [str(bundle.id), bundle.channel, f"v{bundle.version}"]
+    if bundle.recalled_at is not None:
+        parts.append("recalled")
+    elif bundle.active:
+        parts.append(f"active {bundle.rollout_percentage}%")
+    elif bundle.released_at is not None:
+        parts.append("released")
+    else:
+        parts.append("inactive")
+    if bundle.mandatory:
+        parts.append("mandatory")
+    if bundle.platform:
+        parts.append(bundle.platform)
+    if bundle.min_app_version or bundle.max_app_version:
+        parts.append(f"app {bundle.min_app_version or '*'}-{bundle.max_app_version or '*'}")
+    if bundle.promoted_from is not None:
+        parts.append(f"from {bundle.promoted_from}")
+    return "  ".join(parts)
+
+
+def _show_bundle(bundle: Bundle, args: argparse.Namespace) -> None:
+    if args.json:
+        _print_json(_bundle_json(bundle))
+        return
+    print(_bundle_line(bundle))
+
+
+def cmd_bundle_list(args: argparse.Namespace) -> None:
+    from koolbase_ota.bundles import service as bundles
+
+    db = _database(_settings())
+    project_id = _uuid(args.project, "--project")
+    projects.get_project(db, project_id=project_id)
+    if args.channel is not None:
+        bundles.check_channel(db, project_id=project_id, channel=args.channel)
+    found = [
+        bundle
+        for bundle in bundles.list_bundles(db, project_id=project_id)
+        if args.channel is None or bundle.channel == args.channel
+    ]
+    if args.json:
+        _print_json([_bundle_json(bundle) for bundle in found])
+        return
+    for bundle in found:
+        print(_bundle_line(bundle))
+
+
+def cmd_bundle_activate(args: argparse.Namespace) -> None:
+    from koolbase_ota.bundles import service as bundles
+    from koolbase_ota.bundles import targeting
+
+    bundle = bundles.activate_bundle(
+        _database(_settings()),
+        project_id=_uuid(args.project, "--project"),
+        bundle_id=_uuid(args.bundle_id, "BUNDLE_ID"),
+        rollout_percentage=(
+            None if args.rollout is None else targeting.parse_rollout_percentage(args.rollout)
+        ),
+    )
+    _show_bundle(bundle, args)
+
+
+def cmd_bundle_rollout(args: argparse.Namespace) -> None:
+    from koolbase_ota.bundles import service as bundles
+
+    bundle = bundles.update_bundle(
+        _database(_settings()),
+        project_id=_uuid(args.project, "--project"),
+        bundle_id=_uuid(args.bundle_id, "BUNDLE_ID"),
+        fields={"rollout_percentage": args.percentage},
+    )
+    _show_bundle(bundle, args)
+
+
+def cmd_bundle_target(args: argparse.Namespace) -> None:
+    from koolbase_ota.bundles import service as bundles
+
+    fields: dict[str, object] = {}
+    if args.any_platform:
+        fields["platform"] = None
+    elif args.platform is not None:
+        fields["platform"] = args.platform
+    if args.any_app_version:
+        fields["min_app_version"] = fields["max_app_version"] = None
+    if args.min_app_version is not None:
+        fields["min_app_version"] = args.min_app_version
+    if args.max_app_version is not None:
+        fields["max_app_version"] = args.max_app_version
+    if not fields:
+        raise CliError(
+            "nothing to change: give --platform, --any-platform, --min-app-version, "
+            "--max-app-version or --any-app-version"
+        )
+    bundle = bundles.update_bundle(
+        _database(_settings()),
+        project_id=_uuid(args.project, "--project"),
+        bundle_id=_uuid(args.bundle_id, "BUNDLE_ID"),
+        fields=fields,
+    )
+    _show_bundle(bundle, args)
+
+
+def cmd_bundle_recall(args: argparse.Namespace) -> None:
+    from koolbase_ota.bundles import service as bundles
+
+    bundle = bundles.recall_bundle(
+        _database(_settings()),
+        project_id=_uuid(args.project, "--project"),
+        bundle_id=_uuid(args.bundle_id, "BUNDLE_ID"),
+    )
+    _show_bundle(bundle, args)
+
+
+def cmd_bundle_promote(args: argparse.Namespace) -> None:
+    from koolbase_ota.bundles import promote, targeting
+
+    settings = _settings()
+    project_id = _uuid(args.project, "--project")
+    bundle_id = _uuid(args.bundle_id, "BUNDLE_ID")
+    promotion = promote.Promotion(
+        channel=args.channel,
+        activate=args.activate,
+        rollout_percentage=(
+            None if args.rollout is None else targeting.parse_rollout_percentage(args.rollout)
+        ),
+        release_notes=promote.KEEP if args.release_notes is None else args.release_notes,
+        mandatory=args.mandatory,
+    )
+    bundle = asyncio.run(
+        promote.promote_bundle(
+            db=_database(settings),
+            store=open_store(settings),
+            project_id=project_id,
+            bundle_id=bundle_id,
+            promotion=promotion,
+        )
+    )
+    _show_bundle(bundle, args)
+
+
 def cmd_db_upgrade(_args: argparse.Namespace) -> None:
     _database(_settings(), announce=True)
     print("the database schema is up to date")
@@ -400,6 +595,68 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--environment", required=True, choices=projects.ENVIRONMENTS)
     rotate.add_argument("--json", action="store_true")
 
+    channel = commands.add_parser("channel", help="a project's channels").add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser
+    )
+    channel_add = command(channel, "add", cmd_channel_add, "add a channel to a project")
+    channel_add.add_argument("--project", required=True, metavar="ID")
+    channel_add.add_argument("name", metavar="NAME")
+    channel_add.add_argument("--json", action="store_true", help="print one JSON object")
+    channel_list = command(channel, "list", cmd_channel_list, "list a project's channels")
+    channel_list.add_argument("--project", required=True, metavar="ID")
+    channel_list.add_argument("--json", action="store_true", help="print one JSON array")
+
+    bundle = commands.add_parser("bundle", help="list and release bundles").add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser
+    )
+
+    def bundle_command(
+        name: str, handler: Callable[[argparse.Namespace], None], help_: str
+    ) -> argparse.ArgumentParser:
+        sub = command(bundle, name, handler, help_)
+        sub.add_argument("--project", required=True, metavar="ID")
+        if name != "list":
+            sub.add_argument("bundle_id", metavar="BUNDLE_ID")
+        sub.add_argument("--json", action="store_true", help="print the bundle object as JSON")
+        return sub
+
+    bundle_list = bundle_command(
+        "list", cmd_bundle_list, "list a project's bundles, by channel, newest version first"
+    )
+    bundle_list.add_argument("--channel", metavar="C", help="only this channel's bundles")
+    bundle_activate = bundle_command(
+        "activate", cmd_bundle_activate, "make a bundle its channel's head"
+    )
+    bundle_activate.add_argument(
+        "--rollout", metavar="N", help="release to N%% of devices (1-100; default 100)"
+    )
+    bundle_rollout = bundle_command(
+        "rollout", cmd_bundle_rollout, "set a bundle's rollout percentage"
+    )
+    bundle_rollout.add_argument("percentage", metavar="N", help="1 to 100")
+    bundle_target = bundle_command(
+        "target", cmd_bundle_target, "set which platforms and app versions a bundle is served to"
+    )
+    platform = bundle_target.add_mutually_exclusive_group()
+    platform.add_argument("--platform", metavar="P", help="ios or android")
+    platform.add_argument("--any-platform", action="store_true", help="every platform")
+    bundle_target.add_argument("--min-app-version", metavar="V", help="lowest, inclusive")
+    bundle_target.add_argument("--max-app-version", metavar="V", help="highest, inclusive")
+    bundle_target.add_argument(
+        "--any-app-version", action="store_true", help="clear both app version bounds"
+    )
+    bundle_command("recall", cmd_bundle_recall, "never serve a bundle again; devices go back")
+    bundle_promote = bundle_command(
+        "promote", cmd_bundle_promote, "copy a bundle into a channel as a new version"
+    )
+    bundle_promote.add_argument("--channel", required=True, metavar="C", help="copy into")
+    bundle_promote.add_argument("--activate", action="store_true", help="make the copy the head")
+    bundle_promote.add_argument("--rollout", metavar="N", help="the copy's rollout (1-100)")
+    bundle_promote.add_argument(
+        "--release-notes", metavar="TEXT", help="the copy's notes (default: the source's)"
+    )
+    bundle_promote.add_argument("--mandatory", action="store_true", help="make the copy mandatory")
+
     audit_trail = command(
         commands, "audit", cmd_audit, "show a project's audit trail, newest change first"
     )
@@ -451,5 +708,36 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(1) from None
 
 
+def run() -> NoReturn:
+    """The console script: `main()`, then an exit that skips the interpreter's finalisation.
+
+    With an S3 store, obstore's background runtime threads could abort the process (SIGABRT)
+    while Python shut down, after the command had done its work and printed its report: a
+    finished `gc` then looked failed. Output is flushed first, so nothing is lost by skipping it.
+    """
+    code = 1
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        for engine in _ENGINES:
+            with contextlib.suppress(Exception):
+                engine.dispose()
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -41,6 +41,11 @@ class NotFound(OTAError):
     default_code = "not_found"
 
 
+class Conflict(OTAError):
+    status_code = 409
+    default_code = "conflict"
+
+
 class PayloadTooLarge(OTAError):
     status_code = 413
     default_code = "payload_too_large"

@@ -2,7 +2,7 @@
 
 RSGI lets the server send a file, or one range of it, without the bytes passing through
 Python; on ASGI granian can only send whole files that way, so ranges were read into Python
-first. `RSGIApp` answers valid signed downloads itself, calls the check's bare endpoint with
+first. `RSGIApp` answers valid signed downloads itself, calls the checks' bare endpoints with
 the little it reads, and hands every other request to the same ASGI app that tests run
 in-process, through a small bridge that maps RSGI's scope and protocol onto ASGI's scope,
 `receive` and `send`.
@@ -26,7 +26,8 @@ from koolbase_ota.app import OTAApp, create_app
 from koolbase_ota.config import Settings
 from koolbase_ota.errors import OTAError
 from koolbase_ota.metrics import LATENCY, REQUESTS
-from koolbase_ota.sdk.check import CHECK_PATH
+from koolbase_ota.sdk.check import CHECK_PATH, CheckEndpoint
+from koolbase_ota.sdk.codepush import CODE_PUSH_PATH
 from koolbase_ota.sdk.downloads import plan_download, range_headers
 from koolbase_ota.security import check_headers
 from koolbase_ota.storage.signing import DOWNLOAD_PREFIX
@@ -43,6 +44,15 @@ class RSGIApp:
 
     def __init__(self, app: OTAApp) -> None:
         self.app = app
+        #: The checks' bare endpoints by path: called with the little of a request they read.
+        self.checks: dict[str, CheckEndpoint] = {
+            path: endpoint
+            for path, endpoint in (
+                (CHECK_PATH, app.check_endpoint),
+                (CODE_PUSH_PATH, app.code_push_endpoint),
+            )
+            if endpoint is not None
+        }
         self._lifespan: contextlib.AbstractAsyncContextManager[Any] | None = None
         # CORS answers depend on the request's Origin: those downloads go through the app.
         self._cors = bool(app.state.context.settings.cors_origins.strip())
@@ -63,9 +73,9 @@ class RSGIApp:
             return
         if scope.method == "GET":
             path = scope.path
-            endpoint = self.app.check_endpoint
-            if path == CHECK_PATH and endpoint is not None:
-                await endpoint(_check_scope(scope), _Answer(protocol))
+            endpoint = self.checks.get(path)
+            if endpoint is not None:
+                await endpoint(_check_scope(scope, path), _Answer(protocol))
                 return
             if path.startswith(DOWNLOAD_PREFIX) and await self._send_file(scope, protocol):
                 return
@@ -119,13 +129,13 @@ class RSGIApp:
 _CHECK_HEADERS = ("x-api-key", "x-forwarded-for")
 
 
-def _check_scope(scope: Any) -> dict[str, Any]:
-    """The part of an ASGI scope the check endpoint reads, built from RSGI's scope."""
+def _check_scope(scope: Any, path: str) -> dict[str, Any]:
+    """The part of an ASGI scope a check endpoint reads, built from RSGI's scope."""
     headers = scope.headers
     return {
         "type": "http",
         "method": "GET",
-        "path": CHECK_PATH,
+        "path": path,
         "query_string": scope.query_string.encode("latin-1", "replace"),
         "headers": [
             (name.encode(), value.encode("latin-1", "replace"))

@@ -139,7 +139,9 @@ def test_activate_answers_the_bundle_active_with_a_later_updated_at(
     body = response.json()
     assert body["active"] is True
     assert timestamp(body["updated_at"]) > timestamp(bundle["updated_at"])
-    unchanged = {"active", "updated_at"}
+    assert bundle["released_at"] is None
+    assert body["released_at"] == body["updated_at"]  # issue 6: the first activation releases it
+    unchanged = {"active", "updated_at", "released_at"}
     assert {k: v for k, v in body.items() if k not in unchanged} == {
         k: v for k, v in bundle.items() if k not in unchanged
     }

@@ -57,6 +57,19 @@ class Bundle(Base):
     # Set the first time the bundle is activated; a released mandatory bundle keeps forcing
     # devices that skipped it.
     released_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # Targeting: None means "any". `platform` is "ios" or "android"; the app versions are
+    # dotted numeric ("2.4.1"), inclusive bounds (see `bundles.targeting`).
+    platform: Mapped[str | None] = mapped_column(String(10))
+    min_app_version: Mapped[str | None] = mapped_column(String(31))
+    max_app_version: Mapped[str | None] = mapped_column(String(31))
+    # The share of devices (1-100) a release reaches; see `bundles.targeting.in_rollout`.
+    rollout_percentage: Mapped[int] = mapped_column(
+        Integer, default=100, server_default=text("100")
+    )
+    # A recalled bundle is never served again; devices on it are sent back.
+    recalled_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # The bundle this one was promoted (copied) from, if any; no foreign key, the source may go.
+    promoted_from: Mapped[uuid.UUID | None] = mapped_column(Uuid)
 
 
 class PendingObject(Base):

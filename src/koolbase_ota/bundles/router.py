@@ -12,8 +12,8 @@ from starlette.concurrency import run_in_threadpool
 
 from koolbase_ota.bundles import service
 from koolbase_ota.bundles.multipart import check_declared_length, read_upload_form
-from koolbase_ota.bundles.schemas import BundleOut, ErrorOut, MandatoryIn
-from koolbase_ota.config import CHANNELS
+from koolbase_ota.bundles.schemas import ActivateIn, BundleOut, BundlePatchIn, ErrorOut
+from koolbase_ota.bundles.targeting import parse_rollout_percentage
 from koolbase_ota.deps import ContextDep, DashboardDep, ProjectDep, parse_id
 from koolbase_ota.errors import InvalidInput
 from koolbase_ota.metrics import UPLOAD_BYTES, UPLOADS
@@ -37,11 +37,28 @@ _UPLOAD_BODY = {
                         "bundle": {"type": "string", "format": "binary"},
                         "channel": {
                             "type": "string",
-                            "enum": list(CHANNELS),
                             "default": "production",
+                            "description": "production, staging, development, or a channel "
+                            "the project added",
                         },
                         "mandatory": {"type": "string", "default": "false"},
                         "release_notes": {"type": "string", "maxLength": 10000},
+                        "platform": {
+                            "type": "string",
+                            "enum": ["ios", "android"],
+                            "description": "Serve the bundle only to this platform; absent for all",
+                        },
+                        "min_app_version": {
+                            "type": "string",
+                            "example": "2.4.0",
+                            "description": "Lowest app version served (dotted numeric, "
+                            "inclusive); absent for no bound",
+                        },
+                        "max_app_version": {
+                            "type": "string",
+                            "example": "2.9.99",
+                            "description": "Highest app version served (inclusive)",
+                        },
                     },
                 }
             }
@@ -178,20 +195,60 @@ def _page_size(raw: str | None) -> int:
 @router.post(
     "/bundles/{bundle_id}/activate",
     response_model=BundleOut,
-    responses=_ERRORS,
+    responses={**_ERRORS, 409: {"model": ErrorOut}},
     summary="Activate a bundle (makes it the active version for its channel)",
+    description="Makes the bundle its channel's head: the release the checks start from. "
+    'An optional JSON body `{"rollout_percentage": 10}` releases it to that share of devices '
+    "(1-100; the others keep getting the previous matching release). Without a body it "
+    "behaves as the seed API: activating the active bundle again changes nothing. A recalled "
+    "bundle cannot be activated (409 `bundle_recalled`).",
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": ActivateIn.model_json_schema()}},
+        }
+    },
 )
 async def activate_bundle(
-    bundle_id: str, dashboard: DashboardDep, context: ContextDep
+    bundle_id: str, request: Request, dashboard: DashboardDep, context: ContextDep
 ) -> BundleOut:
+    parsed_id = parse_id(bundle_id, what="bundle")
+    body = _json_object(await request.body(), expected='{"rollout_percentage": 1-100}')
+    unknown = set(body) - {"rollout_percentage"}
+    if unknown:
+        raise InvalidInput(f"unknown fields: {', '.join(sorted(unknown))}", code="invalid_body")
+    raw = body.get("rollout_percentage")
     bundle = await run_in_threadpool(
         service.activate_bundle,
+        context.db,
+        project_id=dashboard.project_id,
+        bundle_id=parsed_id,
+        rollout_percentage=None if raw is None else parse_rollout_percentage(raw),
+        actor=dashboard.actor,
+    )
+    # This process's checks see the change at once; the others within their refresh interval.
+    await context.check_cache.refresh()
+    return BundleOut.of(bundle)
+
+
+@router.post(
+    "/bundles/{bundle_id}/recall",
+    response_model=BundleOut,
+    responses=_ERRORS,
+    summary="Recall a bundle: it is never served again, devices on it are sent back",
+    description="Idempotent. When the bundle is its channel's head, the newest released, "
+    "non-recalled bundle of a lower version becomes the head (none: the channel has no head). "
+    "Devices that run the recalled version are offered the newest matching release older than "
+    "it, or told to go back to the app's built-in assets.",
+)
+async def recall_bundle(bundle_id: str, dashboard: DashboardDep, context: ContextDep) -> BundleOut:
+    bundle = await run_in_threadpool(
+        service.recall_bundle,
         context.db,
         project_id=dashboard.project_id,
         bundle_id=parse_id(bundle_id, what="bundle"),
         actor=dashboard.actor,
     )
-    # This process's checks see the change at once; the others within their refresh interval.
     await context.check_cache.refresh()
     return BundleOut.of(bundle)
 
@@ -200,11 +257,15 @@ async def activate_bundle(
     "/bundles/{bundle_id}",
     response_model=BundleOut,
     responses=_ERRORS,
-    summary="Set or toggle the mandatory flag on a bundle",
+    summary="Set or toggle the mandatory flag; change a bundle's targeting and rollout",
+    description='`{"mandatory": true|false}` sets the flag and an empty body (or `{}`) toggles '
+    "it, as in the seed API. `platform`, `min_app_version`, `max_app_version` (null clears "
+    "one) and `rollout_percentage` change who the bundle reaches; a body with only those "
+    "leaves the mandatory flag alone.",
     openapi_extra={
         "requestBody": {
             "required": False,
-            "content": {"application/json": {"schema": MandatoryIn.model_json_schema()}},
+            "content": {"application/json": {"schema": BundlePatchIn.model_json_schema()}},
         }
     },
 )
@@ -212,36 +273,44 @@ async def set_mandatory(
     bundle_id: str, request: Request, dashboard: DashboardDep, context: ContextDep
 ) -> BundleOut:
     parsed_id = parse_id(bundle_id, what="bundle")
-    mandatory = _mandatory_from(await request.body())
-    bundle = await run_in_threadpool(
-        service.set_mandatory,
-        context.db,
-        project_id=dashboard.project_id,
-        bundle_id=parsed_id,
-        mandatory=mandatory,
-        actor=dashboard.actor,
-    )
+    body = _json_object(await request.body(), expected='{"mandatory": true|false, ...}')
+    if set(body) <= {"mandatory"}:
+        # The seed's PATCH: set the flag, or toggle it with no value.
+        mandatory = body.get("mandatory")
+        if mandatory is not None and not isinstance(mandatory, bool):
+            raise InvalidInput("mandatory must be true or false", code="invalid_mandatory")
+        bundle = await run_in_threadpool(
+            service.set_mandatory,
+            context.db,
+            project_id=dashboard.project_id,
+            bundle_id=parsed_id,
+            mandatory=mandatory,
+            actor=dashboard.actor,
+        )
+    else:
+        bundle = await run_in_threadpool(
+            service.update_bundle,
+            context.db,
+            project_id=dashboard.project_id,
+            bundle_id=parsed_id,
+            fields=body,
+            actor=dashboard.actor,
+        )
     await context.check_cache.refresh()
     return BundleOut.of(bundle)
 
 
-def _mandatory_from(body: bytes) -> bool | None:
-    """`{"mandatory": bool}` sets the flag; an empty body (or `{}`) toggles it."""
+def _json_object(body: bytes, *, expected: str) -> dict[str, Any]:
+    """An optional JSON object body: empty means `{}`."""
     if not body.strip():
-        return None
+        return {}
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput("the body must be JSON", code="invalid_json") from exc
     if not isinstance(data, dict):
-        raise InvalidInput('the body must be {"mandatory": true|false}', code="invalid_body")
-    unknown = set(data) - {"mandatory"}
-    if unknown:
-        raise InvalidInput(f"unknown fields: {', '.join(sorted(unknown))}", code="invalid_body")
-    value = data.get("mandatory")
-    if value is not None and not isinstance(value, bool):
-        raise InvalidInput("mandatory must be true or false", code="invalid_mandatory")
-    return value
+        raise InvalidInput(f"the body must be {expected}", code="invalid_body")
+    return data
 
 
 @router.delete(

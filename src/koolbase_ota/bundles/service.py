@@ -1,4 +1,4 @@
-"""Upload, list, activate, set mandatory and delete bundles."""
+"""Upload, list, activate, target, recall, set mandatory and delete bundles."""
 
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeout
 from sqlalchemy.orm import Session
 
 from koolbase_ota import audit, changes
+from koolbase_ota.bundles import targeting
 from koolbase_ota.bundles.models import Bundle, PendingObject
 from koolbase_ota.bundles.multipart import MAX_RELEASE_NOTES, StagedUpload
 from koolbase_ota.bundles.validation import ZipLimits, validate_zip
 from koolbase_ota.db import Database, utcnow
-from koolbase_ota.errors import DatabaseUnavailable, InvalidInput, NotFound, OTAError
+from koolbase_ota.errors import Conflict, DatabaseUnavailable, InvalidInput, NotFound, OTAError
 from koolbase_ota.projects.models import Channel
 from koolbase_ota.storage import BundleStore, StoreOutcomeUnknown
 
@@ -64,7 +65,7 @@ async def _db(call: Callable[[], T]) -> T:
         raise DatabaseUnavailable("the database is unavailable; try again") from exc
 
 
-def _channel_for_update(session: Session, *, project_id: uuid.UUID, name: str) -> Channel:
+def lock_channel(session: Session, *, project_id: uuid.UUID, name: str) -> Channel:
     """Lock the channel row; every change to a channel's bundles queues on it."""
     channel = session.scalar(
         select(Channel)
@@ -74,6 +75,9 @@ def _channel_for_update(session: Session, *, project_id: uuid.UUID, name: str) -
     if channel is None:
         raise InvalidInput(f"unknown channel {name!r}", code="invalid_channel")
     return channel
+
+
+_channel_for_update = lock_channel
 
 
 def check_channel(db: Database, *, project_id: uuid.UUID, channel: str) -> None:
@@ -106,6 +110,14 @@ async def upload_bundle(
             f"release_notes is longer than {MAX_RELEASE_NOTES} characters",
             code="invalid_release_notes",
         )
+    platform = targeting.parse_platform(fields.get("platform"))
+    min_app_version = targeting.parse_app_version(
+        fields.get("min_app_version"), field="min_app_version"
+    )
+    max_app_version = targeting.parse_app_version(
+        fields.get("max_app_version"), field="max_app_version"
+    )
+    targeting.check_range(min_app_version, max_app_version)
     if staged.bundle_path is None:
         raise InvalidInput("the form has no 'bundle' file", code="missing_bundle")
     await _db(lambda: check_channel(db, project_id=project_id, channel=channel))
@@ -153,6 +165,10 @@ async def upload_bundle(
             release_notes=release_notes,
             created_at=now,
             updated_at=now,
+            platform=platform,
+            min_app_version=min_app_version,
+            max_app_version=max_app_version,
+            rollout_percentage=100,
         )
         with db.write() as session:
             session.add(bundle)
@@ -169,6 +185,7 @@ async def upload_bundle(
                     "mandatory": mandatory,
                     "checksum": bundle.checksum,
                     "file_size": bundle.file_size,
+                    **_targeting_details(bundle),
                 },
             )
         return bundle
@@ -308,43 +325,234 @@ def _bundle(session: Session, *, project_id: uuid.UUID, bundle_id: uuid.UUID) ->
     return bundle
 
 
+def _targeting_details(bundle: Bundle) -> dict[str, object]:
+    """The targeting fields that are set, for audit details."""
+    return {
+        name: value
+        for name, value in (
+            ("platform", bundle.platform),
+            ("min_app_version", bundle.min_app_version),
+            ("max_app_version", bundle.max_app_version),
+        )
+        if value is not None
+    }
+
+
 def activate_bundle(
-    db: Database, *, project_id: uuid.UUID, bundle_id: uuid.UUID, actor: str = audit.CLI
+    db: Database,
+    *,
+    project_id: uuid.UUID,
+    bundle_id: uuid.UUID,
+    rollout_percentage: int | None = None,
+    actor: str = audit.CLI,
 ) -> Bundle:
-    """Make the bundle its channel's only active bundle; activating it again changes nothing."""
+    """Make the bundle its channel's head (its only active bundle), optionally at a rollout.
+
+    Without `rollout_percentage`, activating the active bundle again changes nothing; with it,
+    the percentage is set (a change only if it differs).
+    """
     with db.write() as session:
         bundle = _bundle(session, project_id=project_id, bundle_id=bundle_id)
-        _channel_for_update(session, project_id=project_id, name=bundle.channel)
+        lock_channel(session, project_id=project_id, name=bundle.channel)
         session.refresh(bundle)
-        if bundle.active:
-            return bundle
-        previous = session.scalar(
-            select(Bundle.id).where(
-                Bundle.project_id == project_id, Bundle.channel == bundle.channel, Bundle.active
-            )
+        activate_in_session(session, bundle, rollout_percentage=rollout_percentage, actor=actor)
+    return bundle
+
+
+def activate_in_session(
+    session: Session, bundle: Bundle, *, rollout_percentage: int | None, actor: str
+) -> None:
+    """Activate inside the caller's transaction, which holds the channel's lock already."""
+    if bundle.recalled_at is not None:
+        raise Conflict(
+            "the bundle is recalled and cannot be released again; promote it as a new version",
+            code="bundle_recalled",
         )
-        now = _later(bundle.updated_at)
-        session.execute(
-            update(Bundle)
-            .where(Bundle.project_id == project_id, Bundle.channel == bundle.channel, Bundle.active)
-            .values(active=False, updated_at=now)
-            .execution_options(synchronize_session=False)
-        )
-        bundle.active = True
-        bundle.updated_at = now
-        if bundle.released_at is None:
-            bundle.released_at = now
+    if rollout_percentage is not None:
+        rollout_percentage = targeting.parse_rollout_percentage(rollout_percentage)
+    project_id = bundle.project_id
+    rollout_before = bundle.rollout_percentage
+    if bundle.active:
+        if rollout_percentage is None or rollout_percentage == rollout_before:
+            return
+        bundle.rollout_percentage = rollout_percentage
+        bundle.updated_at = _later(bundle.updated_at)
         changes.record(session, project_id=project_id, kind=changes.BUNDLES, channel=bundle.channel)
         audit.record(
             session,
             project_id=project_id,
             actor=actor,
-            action=audit.BUNDLE_ACTIVATE,
+            action=audit.BUNDLE_UPDATE,
             target=str(bundle.id),
             details={
                 "channel": bundle.channel,
                 "version": bundle.version,
-                "deactivated": str(previous) if previous is not None else None,
+                "rollout_percentage": {"from": rollout_before, "to": rollout_percentage},
+            },
+        )
+        return
+    previous = session.scalar(
+        select(Bundle.id).where(
+            Bundle.project_id == project_id, Bundle.channel == bundle.channel, Bundle.active
+        )
+    )
+    now = _later(bundle.updated_at)
+    session.execute(
+        update(Bundle)
+        .where(Bundle.project_id == project_id, Bundle.channel == bundle.channel, Bundle.active)
+        .values(active=False, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    # The bulk update bypassed the session: make a loaded previous head see it.
+    session.flush()
+    bundle.active = True
+    bundle.updated_at = now
+    if rollout_percentage is not None:
+        bundle.rollout_percentage = rollout_percentage
+    if bundle.released_at is None:
+        bundle.released_at = now
+    changes.record(session, project_id=project_id, kind=changes.BUNDLES, channel=bundle.channel)
+    details: dict[str, object] = {
+        "channel": bundle.channel,
+        "version": bundle.version,
+        "deactivated": str(previous) if previous is not None else None,
+    }
+    if rollout_percentage is not None:
+        details["rollout_percentage"] = rollout_percentage
+    audit.record(
+        session,
+        project_id=project_id,
+        actor=actor,
+        action=audit.BUNDLE_ACTIVATE,
+        target=str(bundle.id),
+        details=details,
+    )
+
+
+#: What PATCH may change besides `mandatory`.
+UPDATABLE = ("platform", "min_app_version", "max_app_version", "rollout_percentage")
+
+
+def update_bundle(
+    db: Database,
+    *,
+    project_id: uuid.UUID,
+    bundle_id: uuid.UUID,
+    fields: dict[str, object],
+    actor: str = audit.CLI,
+) -> Bundle:
+    """Change targeting and rollout (PATCH); a `mandatory` key sets the flag as `set_mandatory`.
+
+    A targeting field given as None clears it. Everything is validated before anything changes.
+    """
+    unknown = set(fields) - {*UPDATABLE, "mandatory"}
+    if unknown:
+        raise InvalidInput(f"unknown fields: {', '.join(sorted(unknown))}", code="invalid_body")
+    wanted: dict[str, object] = {}
+    if "platform" in fields:
+        wanted["platform"] = targeting.parse_platform(_text_or_none(fields["platform"]))
+    for name in ("min_app_version", "max_app_version"):
+        if name in fields:
+            wanted[name] = targeting.parse_app_version(_text_or_none(fields[name]), field=name)
+    if "rollout_percentage" in fields:
+        wanted["rollout_percentage"] = targeting.parse_rollout_percentage(
+            fields["rollout_percentage"]
+        )
+    mandatory = fields.get("mandatory")
+    if mandatory is not None and not isinstance(mandatory, bool):
+        raise InvalidInput("mandatory must be true or false", code="invalid_mandatory")
+    with db.write() as session:
+        bundle = _bundle(session, project_id=project_id, bundle_id=bundle_id)
+        lock_channel(session, project_id=project_id, name=bundle.channel)
+        session.refresh(bundle)
+        targeting.check_range(
+            wanted.get("min_app_version", bundle.min_app_version),  # type: ignore[arg-type]
+            wanted.get("max_app_version", bundle.max_app_version),  # type: ignore[arg-type]
+        )
+        changed = {
+            name: {"from": getattr(bundle, name), "to": value}
+            for name, value in wanted.items()
+            if getattr(bundle, name) != value
+        }
+        for name, value in wanted.items():
+            setattr(bundle, name, value)
+        if changed:
+            bundle.updated_at = _later(bundle.updated_at)
+            changes.record(
+                session, project_id=project_id, kind=changes.BUNDLES, channel=bundle.channel
+            )
+            audit.record(
+                session,
+                project_id=project_id,
+                actor=actor,
+                action=audit.BUNDLE_UPDATE,
+                target=str(bundle.id),
+                details={"channel": bundle.channel, "version": bundle.version, **changed},
+            )
+        if "mandatory" in fields:
+            _set_mandatory(session, bundle, mandatory=mandatory, actor=actor)
+    return bundle
+
+
+def _text_or_none(value: object) -> object:
+    """JSON null clears a field; anything else goes to the field's own parser."""
+    if isinstance(value, str) and not value.strip():
+        raise InvalidInput(
+            "an empty string is not a value; send null to clear", code="invalid_body"
+        )
+    return value
+
+
+def recall_bundle(
+    db: Database, *, project_id: uuid.UUID, bundle_id: uuid.UUID, actor: str = audit.CLI
+) -> Bundle:
+    """Never serve the bundle again; recalling it twice changes nothing.
+
+    When it is its channel's head, the newest released, non-recalled bundle of a lower version
+    becomes the head, so the channel keeps serving; with none, the channel has no head.
+    """
+    with db.write() as session:
+        bundle = _bundle(session, project_id=project_id, bundle_id=bundle_id)
+        lock_channel(session, project_id=project_id, name=bundle.channel)
+        session.refresh(bundle)
+        if bundle.recalled_at is not None:
+            return bundle
+        now = _later(bundle.updated_at)
+        was_active = bundle.active
+        bundle.recalled_at = now
+        bundle.updated_at = now
+        new_head: Bundle | None = None
+        if was_active:
+            bundle.active = False
+            session.flush()  # the unique "one active" index must see the old head go first
+            new_head = session.scalar(
+                select(Bundle)
+                .where(
+                    Bundle.project_id == project_id,
+                    Bundle.channel == bundle.channel,
+                    Bundle.version < bundle.version,
+                    Bundle.released_at.is_not(None),
+                    Bundle.recalled_at.is_(None),
+                )
+                .order_by(Bundle.version.desc())
+                .limit(1)
+            )
+            if new_head is not None:
+                new_head.active = True
+                new_head.updated_at = _later(new_head.updated_at)
+        changes.record(session, project_id=project_id, kind=changes.BUNDLES, channel=bundle.channel)
+        audit.record(
+            session,
+            project_id=project_id,
+            actor=actor,
+            action=audit.BUNDLE_RECALL,
+            target=str(bundle.id),
+            details={
+                "channel": bundle.channel,
+                "version": bundle.version,
+                "was_active": was_active,
+                "new_head": str(new_head.id) if new_head is not None else None,
+                "new_head_version": new_head.version if new_head is not None else None,
             },
         )
     return bundle
@@ -361,24 +569,29 @@ def set_mandatory(
     """Set the flag, or toggle it when `mandatory` is None."""
     with db.write() as session:
         bundle = _bundle(session, project_id=project_id, bundle_id=bundle_id)
-        was = bundle.mandatory
-        bundle.mandatory = (not bundle.mandatory) if mandatory is None else mandatory
-        bundle.updated_at = _later(bundle.updated_at)
-        changes.record(session, project_id=project_id, kind=changes.BUNDLES, channel=bundle.channel)
-        audit.record(
-            session,
-            project_id=project_id,
-            actor=actor,
-            action=audit.BUNDLE_MANDATORY,
-            target=str(bundle.id),
-            details={
-                "channel": bundle.channel,
-                "version": bundle.version,
-                "mandatory": bundle.mandatory,
-                "was": was,
-            },
-        )
+        _set_mandatory(session, bundle, mandatory=mandatory, actor=actor)
     return bundle
+
+
+def _set_mandatory(session: Session, bundle: Bundle, *, mandatory: bool | None, actor: str) -> None:
+    project_id = bundle.project_id
+    was = bundle.mandatory
+    bundle.mandatory = (not bundle.mandatory) if mandatory is None else mandatory
+    bundle.updated_at = _later(bundle.updated_at)
+    changes.record(session, project_id=project_id, kind=changes.BUNDLES, channel=bundle.channel)
+    audit.record(
+        session,
+        project_id=project_id,
+        actor=actor,
+        action=audit.BUNDLE_MANDATORY,
+        target=str(bundle.id),
+        details={
+            "channel": bundle.channel,
+            "version": bundle.version,
+            "mandatory": bundle.mandatory,
+            "was": was,
+        },
+    )
 
 
 async def delete_bundle(

@@ -60,3 +60,6 @@ class Channel(Base):
     )
     name: Mapped[str] = mapped_column(String(50), primary_key=True)
     last_version: Mapped[int] = mapped_column(Integer, default=0)
+    # Nullable in the schema only because SQLite cannot add a NOT NULL column to a table that
+    # others reference without rebuilding it; migration 0005 fills it for every existing row.
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=True, default=utcnow)

@@ -1,7 +1,8 @@
-"""The check's answers, cached per process so that a warm check does no I/O at all.
+"""The checks' answers, cached per process so that a warm check does no I/O at all.
 
 Three things are cached: public key -> project (unknown keys too), (project, channel) -> what the
-channel offers, and each offer's finished response bodies with their download URL. A URL is
+channel offers (its head and the releases before it, up to MAX_HISTORY, and its recalled
+versions), and each release's finished response bodies with their download URL. A URL is
 reused for at most half its lifetime, so every URL handed out is valid for at least half the TTL.
 Entries are dropped when the change log (`koolbase_ota.changes`) says they changed; a process
 polls it every `refresh_seconds`. When the database is down, cached entries keep answering.
@@ -10,6 +11,8 @@ polls it every `refresh_seconds`. When the database is down, cached entries keep
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -22,7 +25,9 @@ import anyio.to_thread
 from sqlalchemy import func, select
 
 from koolbase_ota import changes
+from koolbase_ota.bundles import targeting
 from koolbase_ota.bundles.models import Bundle
+from koolbase_ota.bundles.targeting import VersionKey
 from koolbase_ota.db import Database
 from koolbase_ota.metrics import CheckTally
 from koolbase_ota.projects import service as projects
@@ -33,7 +38,9 @@ from koolbase_ota.storage import BundleStore
 logger = logging.getLogger(__name__)
 
 NO_UPDATE = b'{"has_update":false}'
+CODE_PUSH_NO_UPDATE = b'{"status":"no_update"}'
 CHECK_ROUTE = "/v1/sdk/ota/check"
+CODE_PUSH_ROUTE = "/v1/code-push/check"
 #: Beyond this many entries a map is emptied: a flood of made-up keys or channels costs
 #: memory up to this bound, then a cold cache, never unbounded growth.
 MAX_ENTRIES = 200_000
@@ -42,57 +49,162 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 
-@dataclass
-class Offer:
-    """A channel's active bundle and the finished answers for it."""
+#: How many released bundles of a channel a check may walk back through, newest first from
+#: the head; older releases are not offered. Bounds a cold load and a device's walk.
+MAX_HISTORY = 100
+#: How many recalled versions of a channel are remembered to send their devices back.
+MAX_RECALLED = 1000
 
+
+@dataclass(frozen=True)
+class Device:
+    """What a device says about itself; None where it says nothing."""
+
+    platform: str | None = None
+    app_version: VersionKey | None = None
+    device_id: str | None = None
+
+
+ANY_DEVICE = Device()
+
+
+@dataclass(eq=False)
+class Release:
+    """A released, non-recalled bundle a check may offer, with its finished answers."""
+
+    id: uuid.UUID
     version: int
     mandatory: bool
+    #: The highest version of a released, non-recalled mandatory bundle of the channel up to
+    #: this one (0 if none): a device below it skipped a mandatory release.
+    mandatory_floor: int
     storage_path: str
-    fields: dict[str, object]
-    #: The highest version of a released mandatory bundle of the channel (0 if none).
-    mandatory_up_to: int
-    bodies: dict[bool, bytes] = field(default_factory=dict)
+    checksum: str
+    release_notes: str | None
+    file_size: int
+    platform: str | None
+    min_app_version: VersionKey | None
+    max_app_version: VersionKey | None
+    rollout_percentage: int
+    signature: str
+    bodies: dict[tuple[str, bool], bytes] = field(default_factory=dict)
     renew_at: float = 0.0
+    url: str = ""
 
-    def body(self, *, mandatory: bool, store: BundleStore, ttl_seconds: int) -> bytes:
+    @property
+    def everyone(self) -> bool:
+        """No targeting and no rollout: every device matches."""
+        return (
+            self.rollout_percentage >= 100
+            and self.platform is None
+            and self.min_app_version is None
+            and self.max_app_version is None
+        )
+
+    def matches(self, device: Device) -> bool:
+        if self.platform is not None and device.platform != self.platform:
+            return False
+        if self.min_app_version is not None and (
+            device.app_version is None or device.app_version < self.min_app_version
+        ):
+            return False
+        if self.max_app_version is not None and (
+            device.app_version is None or device.app_version > self.max_app_version
+        ):
+            return False
+        return targeting.in_rollout(device.device_id, self.id, self.rollout_percentage)
+
+    def body(self, kind: str, *, mandatory: bool, store: BundleStore, ttl_seconds: int) -> bytes:
+        """The finished answer of `kind` ("seed", "seed-rollback" or "code-push")."""
         now = time.monotonic()
         if now >= self.renew_at:
-            url = store.download_url(self.storage_path, ttl_seconds=ttl_seconds)
-            self.bodies = {
-                flag: _dumps({**self.fields, "mandatory": flag, "download_url": url})
-                for flag in (False, True)
-            }
+            self.url = store.download_url(self.storage_path, ttl_seconds=ttl_seconds)
+            self.bodies = {}
             self.renew_at = now + ttl_seconds / 2
-        return self.bodies[mandatory]
+        key = (kind, mandatory)
+        body = self.bodies.get(key)
+        if body is None:
+            body = self.bodies[key] = self._render(kind, mandatory=mandatory)
+        return body
+
+    def _render(self, kind: str, *, mandatory: bool) -> bytes:
+        if kind == "code-push":
+            return _json(
+                {
+                    "status": "update_available",
+                    "bundle": {
+                        "bundle_id": str(self.id),
+                        "version": self.version,
+                        "download_url": self.url,
+                        "checksum": self.checksum,
+                        "signature": self.signature,
+                        "size_bytes": self.file_size,
+                        "mandatory": mandatory,
+                    },
+                }
+            )
+        answer: dict[str, object] = {
+            "has_update": True,
+            "version": self.version,
+            "checksum": self.checksum,
+            "mandatory": mandatory,
+            "download_url": self.url,
+            "release_notes": self.release_notes,
+            "file_size": self.file_size,
+        }
+        if kind == "seed-rollback":
+            answer["rollback"] = True
+        return _json(answer)
 
 
 @dataclass
 class ChannelState:
-    offer: Offer | None
+    """What a channel offers: its releases from the head back, newest first, and its recalls."""
+
+    releases: tuple[Release, ...] = ()
+    recalled: frozenset[int] = frozenset()
+
+    @property
+    def offer(self) -> Release | None:
+        """The head: the channel's active bundle."""
+        return self.releases[0] if self.releases else None
+
+    def choose(self, current_version: int, device: Device) -> tuple[Release | None, bool]:
+        """(release, rollback): what to offer a device on `current_version`.
+
+        (None, False) is "no update"; (None, True) is "back to the built-in assets".
+        """
+        found = None
+        for release in self.releases:
+            if release.everyone or release.matches(device):
+                found = release
+                break
+        if found is not None and found.version > current_version:
+            return found, False
+        if current_version in self.recalled:
+            # The newest matching release is older than the device's recalled version.
+            return found, True
+        return None, False
 
 
-def _dumps(answer: dict[str, object]) -> bytes:
-    ordered = {
-        key: answer[key]
-        for key in (
-            "has_update",
-            "version",
-            "checksum",
-            "mandatory",
-            "download_url",
-            "release_notes",
-            "file_size",
-        )
-    }
-    return json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+def _json(answer: dict[str, object]) -> bytes:
+    return json.dumps(answer, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class CheckCache:
-    def __init__(self, *, db: Database, store: BundleStore, url_ttl_seconds: int) -> None:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        store: BundleStore,
+        url_ttl_seconds: int,
+        signing_key: str = "",
+    ) -> None:
         self.db = db
         self.store = store
         self.url_ttl_seconds = url_ttl_seconds
+        #: Keys the code-push answer's `signature` (see `signature()`).
+        self.signing_key = signing_key.encode()
         self.keys: dict[str, uuid.UUID | None] = {}
         #: None: the project has no such channel.
         self.channels: dict[tuple[uuid.UUID, str], ChannelState | None] = {}
@@ -105,6 +217,7 @@ class CheckCache:
         #: Change ids applied recently, with when: each change is applied once.
         self.applied: dict[int, float] = {}
         self.tally = CheckTally(CHECK_ROUTE)
+        self.code_push_tally = CheckTally(CODE_PUSH_ROUTE)
 
     # Lookups: a hit is a dict read; a miss reads the database in a worker thread. Each
     # returns (value, hit) so callers can count cache outcomes per request.
@@ -151,55 +264,120 @@ class CheckCache:
         )
         return checksum
 
+    def signature(self, checksum: str) -> str:
+        """`hmac-sha256:` + hex HMAC-SHA-256 of the checksum under the server's secret key.
+
+        Lets whoever holds the key tell that this server handed out that checksum; the clients
+        parse the field but do not verify it.
+        """
+        digest = hmac.new(self.signing_key, checksum.encode(), hashlib.sha256).hexdigest()
+        return "hmac-sha256:" + digest
+
     def _load_channel(self, project_id: uuid.UUID, name: str) -> ChannelState | None:
+        of_channel = (Bundle.project_id == project_id, Bundle.channel == name)
         with self.db.read() as session:
             known = session.scalar(
                 select(Channel.name).where(Channel.project_id == project_id, Channel.name == name)
             )
             if known is None:
                 return None
-            active = session.scalar(
-                select(Bundle).where(
-                    Bundle.project_id == project_id, Bundle.channel == name, Bundle.active
+            recalled = frozenset(
+                session.scalars(
+                    select(Bundle.version)
+                    .where(*of_channel, Bundle.recalled_at.is_not(None))
+                    .order_by(Bundle.version.desc())
+                    .limit(MAX_RECALLED)
                 )
             )
-            if active is None:
-                return ChannelState(offer=None)
-            mandatory_up_to = session.scalar(
-                select(func.max(Bundle.version)).where(
-                    Bundle.project_id == project_id,
-                    Bundle.channel == name,
-                    Bundle.mandatory,
-                    Bundle.released_at.is_not(None),
-                    # A rolled-back mandatory release above the offer is not what the device
-                    # gets, so it does not make the offer mandatory.
-                    Bundle.version <= active.version,
+            head_version = session.scalar(select(Bundle.version).where(*of_channel, Bundle.active))
+            if head_version is None:
+                return ChannelState(recalled=recalled)
+            serving = (
+                *of_channel,
+                Bundle.released_at.is_not(None),
+                Bundle.recalled_at.is_(None),
+                Bundle.version <= head_version,
+            )
+            rows = list(
+                session.scalars(
+                    select(Bundle)
+                    .where(*serving)
+                    .order_by(Bundle.version.desc())
+                    .limit(MAX_HISTORY)
                 )
             )
-        return ChannelState(
-            offer=Offer(
-                version=active.version,
-                mandatory=active.mandatory,
-                storage_path=active.storage_path,
-                mandatory_up_to=mandatory_up_to or 0,
-                fields={
-                    "has_update": True,
-                    "version": active.version,
-                    "checksum": active.checksum,
-                    "release_notes": active.release_notes,
-                    "file_size": active.file_size,
-                },
-            )
+            floor = 0
+            if len(rows) == MAX_HISTORY:
+                # Mandatory releases beyond the walked history still force the update.
+                floor = (
+                    session.scalar(
+                        select(func.max(Bundle.version)).where(
+                            *serving, Bundle.mandatory, Bundle.version < rows[-1].version
+                        )
+                    )
+                    or 0
+                )
+        releases: list[Release] = []
+        for row in reversed(rows):
+            if row.mandatory:
+                floor = row.version
+            releases.append(self._release(row, mandatory_floor=floor))
+        releases.reverse()
+        return ChannelState(releases=tuple(releases), recalled=recalled)
+
+    def _release(self, row: Bundle, *, mandatory_floor: int) -> Release:
+        return Release(
+            id=row.id,
+            version=row.version,
+            mandatory=row.mandatory,
+            mandatory_floor=mandatory_floor,
+            storage_path=row.storage_path,
+            checksum=row.checksum,
+            release_notes=row.release_notes,
+            file_size=row.file_size,
+            platform=row.platform,
+            min_app_version=(
+                targeting.version_key(row.min_app_version) if row.min_app_version else None
+            ),
+            max_app_version=(
+                targeting.version_key(row.max_app_version) if row.max_app_version else None
+            ),
+            rollout_percentage=row.rollout_percentage,
+            signature=self.signature(row.checksum),
         )
 
-    def answer_for(self, state: ChannelState, current_version: int) -> bytes:
-        """The check's body for a device on `current_version`."""
-        offer = state.offer
-        if offer is None or offer.version <= current_version:
+    def answer_for(
+        self, state: ChannelState, current_version: int, device: Device = ANY_DEVICE
+    ) -> bytes:
+        """The seed check's body for a device on `current_version`."""
+        release, rollback = state.choose(current_version, device)
+        if release is None:
+            # "Back to the built-in assets" has no seed answer: the SDK cannot drop a bundle,
+            # and offering anything would install something. The device keeps what it has.
             return NO_UPDATE
         # A device that skipped a released mandatory bundle must still wait for the update.
-        mandatory = offer.mandatory or offer.mandatory_up_to > current_version
-        return offer.body(mandatory=mandatory, store=self.store, ttl_seconds=self.url_ttl_seconds)
+        mandatory = release.mandatory or release.mandatory_floor > current_version
+        return release.body(
+            "seed-rollback" if rollback else "seed",
+            mandatory=mandatory,
+            store=self.store,
+            ttl_seconds=self.url_ttl_seconds,
+        )
+
+    def code_push_answer_for(
+        self, state: ChannelState, current_version: int, device: Device
+    ) -> bytes:
+        """The code-push check's body for a device on `current_version`."""
+        release, rollback = state.choose(current_version, device)
+        if rollback:
+            revert_to = 0 if release is None else release.version
+            return b'{"status":"rollback","revert_to":%d}' % revert_to
+        if release is None:
+            return CODE_PUSH_NO_UPDATE
+        mandatory = release.mandatory or release.mandatory_floor > current_version
+        return release.body(
+            "code-push", mandatory=mandatory, store=self.store, ttl_seconds=self.url_ttl_seconds
+        )
 
     # Invalidation
 
@@ -244,6 +422,7 @@ class CheckCache:
         while True:
             await asyncio.sleep(every_seconds)
             self.tally.flush()
+            self.code_push_tally.flush()
             try:
                 await self.refresh()
                 if time.monotonic() >= next_prune:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import unquote_plus
 
@@ -18,10 +19,11 @@ from pydantic import BaseModel
 from starlette.responses import Response
 from starlette.types import Scope, Send
 
+from koolbase_ota.bundles import targeting
 from koolbase_ota.bundles.schemas import ErrorOut
-from koolbase_ota.deps import ContextDep
+from koolbase_ota.deps import AppContext, ContextDep
 from koolbase_ota.ratelimit import RateLimits
-from koolbase_ota.sdk.cache import CHECK_ROUTE, CheckCache
+from koolbase_ota.sdk.cache import ANY_DEVICE, CHECK_ROUTE, ChannelState, CheckCache, Device
 from koolbase_ota.security import RATE_LIMITED_RESPONSE
 
 CHECK_PATH = CHECK_ROUTE
@@ -40,17 +42,109 @@ _ERRORS = {
     "invalid_api_key": (401, _error("invalid API key", "invalid_api_key")),
     "invalid_version": (400, _error("version must be a non-negative integer", "invalid_version")),
     "invalid_channel": (400, _error("unknown channel", "invalid_channel")),
+    "invalid_app_version": (
+        400,
+        _error("app_version must be a dotted numeric version like 2.4.1", "invalid_app_version"),
+    ),
+    "invalid_platform": (
+        400,
+        _error("platform must be up to 32 letters, digits, '.', '_' or '-'", "invalid_platform"),
+    ),
+    "invalid_device_id": (
+        400,
+        _error(
+            "device_id must be up to 128 letters, digits, '.', '_', ':' or '-'",
+            "invalid_device_id",
+        ),
+    ),
+    "invalid_current_bundle": (
+        400,
+        _error("current_bundle must be a non-negative integer", "invalid_current_bundle"),
+    ),
 }
 _RATE_LIMITED = _error("too many requests; retry later", "rate_limited")
+
+
+def parse_device(
+    app_version: str | None, platform: str | None, device_id: str | None
+) -> Device | str:
+    """What the device says about itself, or the error code of what it got wrong."""
+    if not (app_version or platform or device_id):
+        return ANY_DEVICE
+    version_key = None
+    if app_version:
+        version_key = targeting.device_app_version(app_version)
+        if version_key is None:
+            return "invalid_app_version"
+    if platform:
+        if not targeting.valid_device_platform(platform):
+            return "invalid_platform"
+        platform = platform.lower()
+    if device_id and not targeting.valid_device_id(device_id):
+        return "invalid_device_id"
+    return Device(platform=platform or None, app_version=version_key, device_id=device_id or None)
+
+
+def parse_version(raw: str | None) -> int | None:
+    """A device's bundle version: absent is 0; None when it is not a plain non-negative number."""
+    if raw is None:
+        return 0
+    if raw.isascii() and raw.isdigit() and len(raw) <= _MAX_VERSION_DIGITS:
+        return int(raw)
+    return None
 
 
 _MISSING: Any = object()
 
 
 async def answer(
-    cache: CheckCache, *, api_key: str | None, channel: str | None, version: str | None
+    cache: CheckCache,
+    *,
+    api_key: str | None,
+    channel: str | None,
+    version: str | None,
+    app_version: str | None = None,
+    platform: str | None = None,
+    device_id: str | None = None,
 ) -> tuple[int, bytes, bool, str | None]:
     """Status, JSON body, whether the cache had it all, and the error code if one."""
+    found = await resolve(
+        cache,
+        api_key=api_key,
+        channel=channel or DEFAULT_CHANNEL,
+        version=version,
+        version_error="invalid_version",
+        app_version=app_version,
+        platform=platform,
+        device_id=device_id,
+    )
+    if isinstance(found, tuple):
+        return found
+    return 200, cache.answer_for(found.state, found.current, found.device), found.hit, None
+
+
+@dataclass
+class Resolved:
+    """A check's request, understood: the channel's cached state and the device."""
+
+    state: ChannelState
+    current: int
+    device: Device
+    hit: bool
+
+
+async def resolve(
+    cache: CheckCache,
+    *,
+    api_key: str | None,
+    channel: str,
+    version: str | None,
+    version_error: str,
+    app_version: str | None,
+    platform: str | None,
+    device_id: str | None,
+) -> Resolved | tuple[int, bytes, bool, str]:
+    """The key's project and the channel's state, or the error answer; shared by both checks."""
     if not api_key:
         return _fail("missing_api_key", hit=True)
     # The dict reads inline are the whole of a warm check; only a miss awaits the database.
@@ -60,22 +154,21 @@ async def answer(
         project_id, hit = await cache.project_for_key(api_key)
     if project_id is None:
         return _fail("invalid_api_key", hit=hit)
-    if version is None:
-        current = 0
-    elif version.isascii() and version.isdigit() and len(version) <= _MAX_VERSION_DIGITS:
-        current = int(version)
-    else:
-        return _fail("invalid_version", hit=hit)
-    name = channel or DEFAULT_CHANNEL
-    if len(name) > _MAX_CHANNEL:
+    current = parse_version(version)
+    if current is None:
+        return _fail(version_error, hit=hit)
+    device = parse_device(app_version, platform, device_id)
+    if isinstance(device, str):
+        return _fail(device, hit=hit)
+    if len(channel) > _MAX_CHANNEL:
         return _fail("invalid_channel", hit=hit)
-    state = cache.channels.get((project_id, name), _MISSING)
+    state = cache.channels.get((project_id, channel), _MISSING)
     if state is _MISSING:
-        state, channel_hit = await cache.channel(project_id, name)
+        state, channel_hit = await cache.channel(project_id, channel)
         hit = hit and channel_hit
     if state is None:
         return _fail("invalid_channel", hit=hit)
-    return 200, cache.answer_for(state, current), hit, None
+    return Resolved(state=state, current=current, device=device, hit=hit)
 
 
 def _fail(code: str, *, hit: bool) -> tuple[int, bytes, bool, str]:
@@ -122,6 +215,20 @@ class CheckEndpoint:
         self.headers = _JSON_HEADERS + (extra_headers or [])
         # No limit configured: not even the call, the check is the hot path.
         self.limits = limits if limits is not None and limits.limits_checks else None
+        self.tally = cache.tally
+
+    async def respond(
+        self, api_key: str | None, query: dict[str, str]
+    ) -> tuple[int, bytes, bool, str | None]:
+        return await answer(
+            self.cache,
+            api_key=api_key,
+            channel=query.get("channel"),
+            version=query.get("version"),
+            app_version=query.get("app_version"),
+            platform=query.get("platform"),
+            device_id=query.get("device_id"),
+        )
 
     async def __call__(self, scope: Scope, send: Send) -> None:
         started = time.perf_counter()
@@ -143,12 +250,7 @@ class CheckEndpoint:
         else:
             query = parse_query(scope["query_string"])
             try:
-                status, body, hit, error = await answer(
-                    self.cache,
-                    api_key=api_key,
-                    channel=query.get("channel"),
-                    version=query.get("version"),
-                )
+                status, body, hit, error = await self.respond(api_key, query)
             except Exception:
                 # A cold entry and a database that is down: the one case with no answer to give.
                 status, body, hit, error = 503, _UNAVAILABLE, False, "database_unavailable"
@@ -160,19 +262,23 @@ class CheckEndpoint:
             }
         )
         await send({"type": "http.response.body", "body": body})
-        self.cache.tally.record(status, time.perf_counter() - started, hit=hit, error=error)
+        self.tally.record(status, time.perf_counter() - started, hit=hit, error=error)
 
 
 # The documented route: same answers, for OpenAPI and any request the endpoint passes on.
 
 router = APIRouter(tags=["sdk"])
-_api_key = APIKeyHeader(
+api_key_header = APIKeyHeader(
     name="x-api-key", auto_error=False, description="An environment's public key: `pk_live_...`"
 )
 
 
 class CheckOut(BaseModel):
-    """`{"has_update": false}`, or the offer with every other field."""
+    """`{"has_update": false}`, or the offer with every other field.
+
+    `rollback` is added (true) only when the device runs a recalled version and the offer is
+    an older release.
+    """
 
     has_update: bool
     version: int | None = None
@@ -181,6 +287,21 @@ class CheckOut(BaseModel):
     download_url: str | None = None
     release_notes: str | None = None
     file_size: int | None = None
+    rollback: bool | None = None
+
+
+def rate_limited(context: AppContext, request: Request, api_key: str | None) -> Response | None:
+    """The 429 for a documented check route's request over a limit, or None."""
+    limits = context.limits
+    retry_after = limits.check(api_key, limits.client_address(request.scope))
+    if retry_after is None:
+        return None
+    return Response(
+        _RATE_LIMITED,
+        status_code=429,
+        media_type="application/json",
+        headers={"Cache-Control": "no-store", "Retry-After": str(retry_after)},
+    )
 
 
 @router.get(
@@ -197,23 +318,38 @@ class CheckOut(BaseModel):
 async def check(
     request: Request,
     context: ContextDep,
-    api_key: Annotated[str | None, Depends(_api_key)],
+    api_key: Annotated[str | None, Depends(api_key_header)],
     channel: Annotated[str | None, Query(description="Defaults to production")] = None,
     version: Annotated[
         str | None, Query(description="The version the device has; 0 = none")
     ] = None,
+    app_version: Annotated[
+        str | None,
+        Query(description="Optional: the app's version (2.4.1), for bundles targeting a range"),
+    ] = None,
+    platform: Annotated[
+        str | None,
+        Query(description="Optional: ios or android, for bundles targeting a platform"),
+    ] = None,
+    device_id: Annotated[
+        str | None,
+        Query(
+            description="Optional: a stable id of the device (up to 128 characters), for "
+            "percentage rollouts; without it only bundles released to 100% are offered"
+        ),
+    ] = None,
 ) -> Response:
-    limits = context.limits
-    retry_after = limits.check(api_key, limits.client_address(request.scope))
-    if retry_after is not None:
-        return Response(
-            _RATE_LIMITED,
-            status_code=429,
-            media_type="application/json",
-            headers={"Cache-Control": "no-store", "Retry-After": str(retry_after)},
-        )
+    limited = rate_limited(context, request, api_key)
+    if limited is not None:
+        return limited
     status, body, _hit, _error_code = await answer(
-        context.check_cache, api_key=api_key, channel=channel, version=version
+        context.check_cache,
+        api_key=api_key,
+        channel=channel,
+        version=version,
+        app_version=app_version,
+        platform=platform,
+        device_id=device_id,
     )
     return Response(
         body,

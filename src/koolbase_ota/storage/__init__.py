@@ -47,6 +47,10 @@ class BundleStore(Protocol):
     async def put_file(self, key: str, source: Path) -> None:
         """Store the file at `source` under `key`; never overwrites an existing object."""
 
+    async def copy(self, source_key: str, target_key: str) -> None:
+        """Copy an object inside the store, create-only (ObjectExists when the target is there,
+        ObjectNotFound when the source is not); the bytes never pass through this server."""
+
     async def delete(self, key: str) -> None:
         """Remove the object; removing a missing object is not an error."""
 

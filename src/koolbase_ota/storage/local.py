@@ -52,6 +52,22 @@ class LocalStore:
         except OSError as exc:
             raise StorageUnavailable(f"could not store the bundle: {exc.strerror}") from exc
 
+    async def copy(self, source_key: str, target_key: str) -> None:
+        await anyio.to_thread.run_sync(self._copy, source_key, target_key)
+
+    def _copy(self, source_key: str, target_key: str) -> None:
+        source = self.path_for(source_key)
+        if not source.is_file():
+            raise ObjectNotFound(f"no object at {source_key}")
+        # The same create-only, crash-safe path as an upload: a hard link of the source (its
+        # bytes are never rewritten, so sharing them is safe), or a copy linked into place.
+        try:
+            self._put_file(target_key, source)
+        except StorageUnavailable:
+            if not source.is_file():  # deleted between our look and the link
+                raise ObjectNotFound(f"no object at {source_key}") from None
+            raise
+
     @staticmethod
     def _copy_then_link(source: Path, target: Path) -> None:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")

@@ -1,0 +1,264 @@
+"""Promote: copy a released or tested bundle into a channel as a new version, without re-upload.
+
+The copy is a new bundle (the target channel's next never-reused version) with the same bytes,
+checksum and size, and the source's targeting; the file is copied inside the store. Promoting a
+bundle into its own channel and activating it is how every device, seed SDKs included, is rolled
+back: the old content arrives as a version higher than the bad one.
+
+A recalled bundle is not promoted: it was pulled because it is bad, and a copy would serve the
+same bytes again under a new version with nothing left to say they were recalled.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, select
+
+from koolbase_ota import audit, changes
+from koolbase_ota.bundles import service, targeting
+from koolbase_ota.bundles.models import Bundle, PendingObject
+from koolbase_ota.bundles.multipart import MAX_RELEASE_NOTES
+from koolbase_ota.db import Database, utcnow
+from koolbase_ota.errors import Conflict, InvalidInput, NotFound
+from koolbase_ota.storage import BundleStore, ObjectNotFound
+
+logger = logging.getLogger(__name__)
+
+#: The fields of a promote request body.
+FIELDS = ("channel", "activate", "rollout_percentage", "release_notes", "mandatory")
+
+
+class _Keep:
+    """The source's release notes, for a request that does not give any."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP = _Keep()
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What to make of the copy: where, whether to activate it and at what rollout."""
+
+    channel: str
+    activate: bool = False
+    #: The copy's rollout; None: 100 (a promoted bundle does not inherit the source's ramp).
+    rollout_percentage: int | None = None
+    release_notes: str | _Keep | None = KEEP
+    mandatory: bool = False
+
+
+def parse_promotion(data: Any) -> Promotion:
+    """A promote body (decoded JSON) checked field by field, each with its own error code."""
+    if not isinstance(data, dict):
+        raise InvalidInput('the body must be {"channel": "...", ...}', code="invalid_body")
+    unknown = set(data) - set(FIELDS)
+    if unknown:
+        raise InvalidInput(f"unknown fields: {', '.join(sorted(unknown))}", code="invalid_body")
+    channel = data.get("channel")
+    if not isinstance(channel, str) or not channel:
+        raise InvalidInput("channel is required: the channel to copy into", code="invalid_channel")
+    activate = data.get("activate", False)
+    if not isinstance(activate, bool):
+        raise InvalidInput("activate must be true or false", code="invalid_activate")
+    mandatory = data.get("mandatory", False)
+    if not isinstance(mandatory, bool):
+        raise InvalidInput("mandatory must be true or false", code="invalid_mandatory")
+    rollout = data.get("rollout_percentage")
+    if rollout is not None and type(rollout) is not int:
+        raise InvalidInput(
+            "rollout_percentage must be a whole number from 1 to 100",
+            code="invalid_rollout_percentage",
+        )
+    notes = data.get("release_notes", KEEP)
+    if notes is not KEEP and notes is not None and not isinstance(notes, str):
+        raise InvalidInput("release_notes must be a string or null", code="invalid_release_notes")
+    return checked(
+        Promotion(
+            channel=channel,
+            activate=activate,
+            rollout_percentage=rollout,
+            release_notes=notes,
+            mandatory=mandatory,
+        )
+    )
+
+
+def checked(promotion: Promotion) -> Promotion:
+    """The promotion with its values checked (what the CLI builds goes through here too)."""
+    rollout = promotion.rollout_percentage
+    if rollout is not None:
+        rollout = targeting.parse_rollout_percentage(rollout)
+    notes = promotion.release_notes
+    if isinstance(notes, str):
+        if len(notes) > MAX_RELEASE_NOTES:
+            raise InvalidInput(
+                f"release_notes is longer than {MAX_RELEASE_NOTES} characters",
+                code="invalid_release_notes",
+            )
+        notes = notes or None  # as at upload: empty notes are no notes
+    return Promotion(
+        channel=promotion.channel,
+        activate=promotion.activate,
+        rollout_percentage=rollout,
+        release_notes=notes,
+        mandatory=promotion.mandatory,
+    )
+
+
+@dataclass(frozen=True)
+class _Source:
+    id: uuid.UUID
+    channel: str
+    version: int
+    storage_path: str
+    checksum: str
+    file_size: int
+    release_notes: str | None
+    platform: str | None
+    min_app_version: str | None
+    max_app_version: str | None
+
+
+def _promotable(db: Database, *, project_id: uuid.UUID, bundle_id: uuid.UUID) -> _Source:
+    with db.read() as session:
+        bundle = session.scalar(
+            select(Bundle).where(Bundle.id == bundle_id, Bundle.project_id == project_id)
+        )
+    if bundle is None:
+        raise NotFound("bundle not found", code="bundle_not_found")
+    if bundle.recalled_at is not None:
+        raise Conflict(
+            "the bundle is recalled: it is never served again, so it is not promoted either",
+            code="bundle_recalled",
+        )
+    return _Source(
+        id=bundle.id,
+        channel=bundle.channel,
+        version=bundle.version,
+        storage_path=bundle.storage_path,
+        checksum=bundle.checksum,
+        file_size=bundle.file_size,
+        release_notes=bundle.release_notes,
+        platform=bundle.platform,
+        min_app_version=bundle.min_app_version,
+        max_app_version=bundle.max_app_version,
+    )
+
+
+async def promote_bundle(
+    *,
+    db: Database,
+    store: BundleStore,
+    project_id: uuid.UUID,
+    bundle_id: uuid.UUID,
+    promotion: Promotion,
+    actor: str = audit.CLI,
+) -> Bundle:
+    """Copy the bundle into `promotion.channel` as its next version; store it, or leave nothing."""
+    promotion = checked(promotion)
+    source = await service._db(lambda: _promotable(db, project_id=project_id, bundle_id=bundle_id))
+    channel = promotion.channel
+    await service._db(lambda: service.check_channel(db, project_id=project_id, channel=channel))
+
+    # 1. Allocate the version and record the object about to be written, as an upload does:
+    #    a crash after this leaves a record for `gc`, never an unrecorded file.
+    def allocate() -> tuple[str, int]:
+        with db.write() as session:
+            row = service.lock_channel(session, project_id=project_id, name=channel)
+            row.last_version += 1
+            path = service.storage_path(
+                project_id=project_id, channel=channel, version=row.last_version
+            )
+            session.add(PendingObject(storage_path=path, reason="upload", created_at=utcnow()))
+            return path, row.last_version
+
+    path, version = await service._db(allocate)
+
+    # 2. Copy inside the store. If that fails nothing references the target; drop the record.
+    try:
+        await store.copy(source.storage_path, path)
+    except BaseException as exc:
+        await service._forget_pending(db, path)
+        if isinstance(exc, ObjectNotFound):
+            # The source was deleted since we read it (or its file is gone): nothing to copy.
+            raise NotFound("bundle not found", code="bundle_not_found") from exc
+        raise
+
+    # 3. Insert the row, clear the record and (if asked) activate, all in one transaction.
+    def record() -> Bundle:
+        now = utcnow()
+        notes = (
+            source.release_notes
+            if isinstance(promotion.release_notes, _Keep)
+            else promotion.release_notes
+        )
+        bundle = Bundle(
+            id=uuid.uuid4(),
+            project_id=project_id,
+            channel=channel,
+            version=version,
+            checksum=source.checksum,
+            storage_path=path,
+            file_size=source.file_size,
+            mandatory=promotion.mandatory,
+            active=False,
+            release_notes=notes,
+            created_at=now,
+            updated_at=now,
+            platform=source.platform,
+            min_app_version=source.min_app_version,
+            max_app_version=source.max_app_version,
+            rollout_percentage=promotion.rollout_percentage or 100,
+            promoted_from=source.id,
+        )
+        with db.write() as session:
+            service.lock_channel(session, project_id=project_id, name=channel)
+            session.add(bundle)
+            session.execute(delete(PendingObject).where(PendingObject.storage_path == path))
+            changes.record(session, project_id=project_id, kind=changes.BUNDLES, channel=channel)
+            audit.record(
+                session,
+                project_id=project_id,
+                actor=actor,
+                action=audit.BUNDLE_PROMOTE,
+                target=str(bundle.id),
+                details={
+                    "channel": channel,
+                    "version": version,
+                    "from": str(source.id),
+                    "from_channel": source.channel,
+                    "from_version": source.version,
+                    "checksum": source.checksum,
+                    "mandatory": promotion.mandatory,
+                    "activate": promotion.activate,
+                },
+            )
+            if promotion.activate:
+                session.flush()
+                service.activate_in_session(
+                    session,
+                    bundle,
+                    rollout_percentage=promotion.rollout_percentage,
+                    actor=actor,
+                )
+        return bundle
+
+    try:
+        return await service._db(record)
+    except BaseException:
+        # No row refers to the copy, so it must go; if removing it fails too, the pending
+        # record stays and `gc` removes the file later.
+        try:
+            await store.delete(path)
+        except Exception:
+            logger.warning("could not remove %s after a failed promote; left for gc", path)
+        else:
+            await service._forget_pending(db, path)
+        raise
