@@ -469,13 +469,15 @@ class WrkResult:
     def mib_per_second(self) -> float:
         return self.transfer_bytes_per_second / MIB
 
-    def summary(self) -> str:
-        """One line: requests/s, MiB/s, p50/p99 and errors."""
+    def summary(self, *, expect_non_2xx: bool = False) -> str:
+        """One line: requests/s, MiB/s, p50/p99 and errors (socket errors only when the
+        answers measured are meant to be 4xx, such as a 401 for an unknown key)."""
         p50 = self.latency_ms.get("50", float("nan"))
         p99 = self.latency_ms.get("99", float("nan"))
+        errors = sum(self.socket_errors.values()) if expect_non_2xx else self.errors
         return (
             f"{self.requests_per_second:10.0f} req/s {self.mib_per_second:9.1f} MiB/s "
-            f"p50 {p50:7.2f} ms p99 {p99:7.2f} ms errors {self.errors}"
+            f"p50 {p50:7.2f} ms p99 {p99:7.2f} ms errors {errors}"
         )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -355,6 +356,34 @@ def test_a_stalled_upload_is_408_and_discarded_while_others_are_served(
     assert_no_pending_record(hostile)
     # The stalled upload took no version.
     assert uploaded(hostile_client, hostile_project)["version"] == 1
+
+
+def test_a_trickling_upload_is_408_at_the_total_timeout_and_discarded(
+    server_factory: Callable[..., RunningServer],
+) -> None:
+    """A client that never stalls (a few bytes now and then) is still bounded in time."""
+    server = server_factory(upload_idle_timeout_seconds=30, upload_timeout_seconds=2)
+    project = new_project(server.db)
+    tmp = server.settings.data_dir / "tmp"
+    sent, rest = started_upload(server, project)
+    with socket.create_connection(host_port(server), timeout=30) as sock:
+        send(sock, sent)
+        eventually(lambda: files_under(tmp) != set(), "the upload being staged", within=5)
+        # Far below the idle timeout between writes, so only the total one can end it.
+        for offset in range(0, len(rest), 16):
+            readable, _, _ = select.select([sock], [], [], 0.2)
+            if readable:
+                break
+            send(sock, rest[offset : offset + 16])
+        answer = read_answer(sock)
+    assert answer.status == 408, answer
+    assert answer.json()["code"] == "upload_timeout"
+    assert "took longer than 2 s" in answer.json()["error"]
+    eventually(lambda: files_under(tmp) == set(), "the staged upload being discarded", within=5)
+    assert_no_pending_record(server)
+    with httpx.Client(base_url=server.base_url, timeout=30) as http:
+        assert http.get(CHECK, headers=project.key()).status_code == 200
+        assert uploaded(http, project)["version"] == 1
 
 
 def test_a_client_that_hangs_up_mid_upload_leaves_nothing(

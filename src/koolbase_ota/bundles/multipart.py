@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import AsyncGenerator, AsyncIterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,10 +207,12 @@ async def read_upload_form(
     max_bundle_bytes: int,
     tmp_dir: Path,
     idle_timeout_seconds: float | None = None,
+    total_timeout_seconds: float | None = None,
 ) -> StagedUpload:
     """Parse the multipart body; the caller must `discard()` the result when done with it.
 
-    A client that sends nothing for `idle_timeout_seconds` gets UploadTimeout (408) and its
+    A client that sends nothing for `idle_timeout_seconds`, or whose whole body takes longer
+    than `total_timeout_seconds` (a trickle that never stalls), gets UploadTimeout (408) and its
     partial upload is discarded. The whole body, not only the bundle, is bounded: without a
     `Content-Length` a client could otherwise stream an endless preamble or epilogue.
     """
@@ -225,7 +228,9 @@ async def read_upload_form(
         pending: list[bytes] = []
         pending_bytes = 0
         body_bytes = 0
-        async with contextlib.aclosing(_idle_bounded(chunks, idle_timeout_seconds)) as body:
+        async with contextlib.aclosing(
+            _time_bounded(chunks, idle_timeout_seconds, total_timeout_seconds)
+        ) as body:
             async for chunk in body:
                 body_bytes += len(chunk)
                 if body_bytes > max_body_bytes:
@@ -251,17 +256,29 @@ async def read_upload_form(
     return staged
 
 
-async def _idle_bounded(
-    chunks: AsyncIterable[bytes], idle_timeout_seconds: float | None
+async def _time_bounded(
+    chunks: AsyncIterable[bytes],
+    idle_timeout_seconds: float | None,
+    total_timeout_seconds: float | None,
 ) -> AsyncGenerator[bytes]:
-    """The chunks, failing with UploadTimeout when the next one takes longer than the timeout."""
+    """The chunks, failing with UploadTimeout when the next one takes longer than the idle
+    timeout, or the body as a whole longer than the total one."""
     iterator = aiter(chunks)
+    deadline = None if total_timeout_seconds is None else time.monotonic() + total_timeout_seconds
     while True:
-        with anyio.move_on_after(idle_timeout_seconds) as waiting:
+        wait = idle_timeout_seconds
+        if deadline is not None:
+            left = max(deadline - time.monotonic(), 0.0)
+            wait = left if wait is None else min(wait, left)
+        with anyio.move_on_after(wait) as waiting:
             chunk = await anext(iterator, None)
         if waiting.cancelled_caught:
+            if deadline is not None and time.monotonic() >= deadline:
+                message = f"the upload took longer than {total_timeout_seconds:g} s"
+            else:
+                message = f"no upload data arrived for {idle_timeout_seconds:g} s"
             raise UploadTimeout(
-                f"no upload data arrived for {idle_timeout_seconds:g} s; the upload was discarded",
+                message + "; the upload was discarded",
                 # The body was not read to its end, so this connection cannot carry another
                 # request.
                 headers={"Connection": "close"},

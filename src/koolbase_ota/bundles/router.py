@@ -97,6 +97,7 @@ async def upload_bundle(
         max_bundle_bytes=settings.max_bundle_bytes,
         tmp_dir=settings.data_dir / "tmp",
         idle_timeout_seconds=settings.upload_idle_timeout_seconds,
+        total_timeout_seconds=settings.upload_timeout_seconds,
     )
     try:
         bundle = await service.upload_bundle(
