@@ -494,6 +494,10 @@ class PostgresService(_Service):
             str(self.socket_dir),
             "-c",
             f"listen_addresses={HOST}",
+            # Test servers live for the whole session, each with its own connection pool:
+            # the default of 100 connections ran out late in the suite.
+            "-c",
+            "max_connections=500",
         ]
         if self.fast:
             for setting in ("fsync=off", "synchronous_commit=off", "full_page_writes=off"):
