@@ -236,3 +236,30 @@ def test_the_code_push_check_answers_alike_in_both_modes(published: Published) -
     unknown = httpx.get(url, params=query, headers={"x-api-key": "pk_live_nope"}, timeout=30)
     assert unknown.status_code == 401
     assert unknown.json()["code"] == "invalid_api_key"
+
+
+def test_the_checks_are_rate_limited_per_forwarded_address_on_rsgi(tmp_path: Path) -> None:
+    """The RSGI path reads the client behind a trusted proxy the way the ASGI one does."""
+    env = {
+        "KOOLBASE_OTA_TRUSTED_PROXIES": "127.0.0.1",
+        "KOOLBASE_OTA_CHECK_RATE_PER_ADDRESS": "0.001",  # no token comes back during the test
+        "KOOLBASE_OTA_CHECK_BURST_PER_ADDRESS": "2",
+    }
+    with serving(tmp_path / "data", "serve-limited", env=env) as server:
+        key = server.credentials()["public_keys"]["production"]
+        seed = server.base_url + "/v1/sdk/ota/check"
+        code_push = server.base_url + "/v1/code-push/check"
+
+        def get(url: str, address: str) -> httpx.Response:
+            headers = {"x-api-key": key, "x-forwarded-for": f"198.51.100.9, {address}"}
+            return httpx.get(url, params={"channel": "production"}, headers=headers, timeout=30)
+
+        assert get(seed, "203.0.113.50").status_code == 200
+        assert get(code_push, "203.0.113.50").status_code == 200
+        limited = get(seed, "203.0.113.50")
+        assert limited.status_code == 429
+        assert int(limited.headers["retry-after"]) >= 1
+        assert limited.json()["code"] == "rate_limited"
+        assert get(code_push, "203.0.113.50").status_code == 429
+        # Another device behind the same proxy has its own allowance.
+        assert get(seed, "203.0.113.51").status_code == 200

@@ -19,6 +19,7 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from starlette.types import Scope
 
@@ -256,10 +257,23 @@ class RateLimits:
         peer: str = client[0] if client else ""
         if not self.trusted_proxies or not self._trusted(peer):
             return peer
-        forwarded: list[str] = []
-        for name, value in scope["headers"]:
-            if name == b"x-forwarded-for":
-                forwarded.extend(value.decode("latin-1").split(","))
+        forwarded = [
+            value.decode("latin-1")
+            for name, value in scope["headers"]
+            if name == b"x-forwarded-for"
+        ]
+        return self._forwarded_client(peer, forwarded)
+
+    def rsgi_client_address(self, scope: Any) -> str:
+        """`client_address` for granian's RSGI scope (`client` is `host:port`)."""
+        peer = scope.client.rpartition(":")[0].strip("[]")
+        if not self.trusted_proxies or not self._trusted(peer):
+            return str(peer)
+        forwarded = [value for name, value in scope.headers.items() if name == "x-forwarded-for"]
+        return self._forwarded_client(peer, forwarded)
+
+    def _forwarded_client(self, peer: str, headers: list[str]) -> str:
+        forwarded = [entry for header in headers for entry in header.split(",")]
         for entry in reversed(forwarded):
             hop = _without_port(entry.strip())
             if hop and not self._trusted(hop):

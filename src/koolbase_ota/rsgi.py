@@ -2,8 +2,8 @@
 
 RSGI lets the server send a file, or one range of it, without the bytes passing through
 Python; on ASGI granian can only send whole files that way, so ranges were read into Python
-first. `RSGIApp` answers valid signed downloads itself, calls the checks' bare endpoints with
-the little it reads, and hands every other request to the same ASGI app that tests run
+first. `RSGIApp` answers valid signed downloads itself, has the checks' bare endpoints answer
+on RSGI directly, and hands every other request to the same ASGI app that tests run
 in-process, through a small bridge that maps RSGI's scope and protocol onto ASGI's scope,
 `receive` and `send`.
 
@@ -75,7 +75,7 @@ class RSGIApp:
             path = scope.path
             endpoint = self.checks.get(path)
             if endpoint is not None:
-                await endpoint(_check_scope(scope, path), _Answer(protocol))
+                await endpoint.rsgi(scope, protocol)
                 return
             if path.startswith(DOWNLOAD_PREFIX) and await self._send_file(scope, protocol):
                 return
@@ -123,48 +123,6 @@ class RSGIApp:
         REQUESTS.labels("GET", _DOWNLOAD_ROUTE, str(status)).inc()
         LATENCY.labels("GET", _DOWNLOAD_ROUTE).observe(time.perf_counter() - started)
         return True
-
-
-#: The only request headers the check reads: its key, and the client behind a trusted proxy.
-_CHECK_HEADERS = ("x-api-key", "x-forwarded-for")
-
-
-def _check_scope(scope: Any, path: str) -> dict[str, Any]:
-    """The part of an ASGI scope a check endpoint reads, built from RSGI's scope."""
-    headers = scope.headers
-    return {
-        "type": "http",
-        "method": "GET",
-        "path": path,
-        "query_string": scope.query_string.encode("latin-1", "replace"),
-        "headers": [
-            (name.encode(), value.encode("latin-1", "replace"))
-            for name in _CHECK_HEADERS
-            if (value := headers.get(name)) is not None
-        ],
-        "client": _address(scope.client),
-    }
-
-
-class _Answer:
-    """ASGI `send` for an answer of one body: the whole response in one RSGI call."""
-
-    __slots__ = ("headers", "protocol", "status")
-
-    def __init__(self, protocol: Any) -> None:
-        self.protocol = protocol
-        self.status = 500
-        self.headers: list[tuple[str, str]] = []
-
-    async def __call__(self, message: MutableMapping[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-            self.headers = [
-                (name.decode("latin-1"), value.decode("latin-1"))
-                for name, value in message["headers"]
-            ]
-        else:
-            self.protocol.response_bytes(self.status, self.headers, message.get("body", b""))
 
 
 def _address(text: str) -> tuple[str, int] | None:

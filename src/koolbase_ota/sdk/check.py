@@ -181,11 +181,11 @@ def _fail(code: str, *, hit: bool) -> tuple[int, bytes, bool, str]:
 _JSON_HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
 
 
-def parse_query(raw: bytes) -> dict[str, str]:
+def parse_query(raw: bytes | str) -> dict[str, str]:
     """`a=1&b=2` into a dict; the last of repeated names wins, as in Starlette."""
     params: dict[str, str] = {}
     if raw:
-        text = raw.decode("latin-1")
+        text = raw.decode("latin-1") if isinstance(raw, bytes) else raw
         escaped = "%" in text or "+" in text
         for pair in text.split("&"):
             name, _, value = pair.partition("=")
@@ -216,6 +216,8 @@ class CheckEndpoint:
         # No limit configured: not even the call, the check is the hot path.
         self.limits = limits if limits is not None and limits.limits_checks else None
         self.tally = cache.tally
+        #: The same headers as RSGI wants them.
+        self.text_headers = [(name.decode(), value.decode()) for name, value in self.headers]
 
     async def respond(
         self, api_key: str | None, query: dict[str, str]
@@ -262,6 +264,30 @@ class CheckEndpoint:
             }
         )
         await send({"type": "http.response.body", "body": body})
+        self.tally.record(status, time.perf_counter() - started, hit=hit, error=error)
+
+    async def rsgi(self, scope: Any, protocol: Any) -> None:
+        """The same answers on granian's RSGI interface, with no ASGI scope or messages."""
+        started = time.perf_counter()
+        api_key = scope.headers.get("x-api-key")
+        headers = self.text_headers
+        error: str | None
+        retry_after = (
+            None
+            if self.limits is None
+            else self.limits.check(api_key, self.limits.rsgi_client_address(scope))
+        )
+        if retry_after is not None:
+            status, body, hit, error = 429, _RATE_LIMITED, True, "rate_limited"
+            headers = [*headers, ("retry-after", str(retry_after))]
+        else:
+            try:
+                status, body, hit, error = await self.respond(
+                    api_key, parse_query(scope.query_string)
+                )
+            except Exception:
+                status, body, hit, error = 503, _UNAVAILABLE, False, "database_unavailable"
+        protocol.response_bytes(status, [*headers, ("content-length", str(len(body)))], body)
         self.tally.record(status, time.perf_counter() - started, hit=hit, error=error)
 
 
