@@ -196,7 +196,7 @@ def test_concurrent_activations_leave_exactly_one_active_bundle(
     assert len(active) == 1
 
 
-@pytest.mark.parametrize("bundle_id", [str(uuid.uuid4()), "not-a-uuid", "1"])
+@pytest.mark.parametrize("bundle_id", ["9b2f6c1e-0d5a-4c43-9a8e-6f1d2b3c4d5e", "not-a-uuid", "1"])
 @pytest.mark.parametrize("method", ["activate", "patch", "delete"])
 def test_an_unknown_bundle_is_404(
     client: httpx.Client, project: Project, method: str, bundle_id: str

@@ -266,14 +266,16 @@ async def _time_bounded(
     iterator = aiter(chunks)
     deadline = None if total_timeout_seconds is None else time.monotonic() + total_timeout_seconds
     while True:
-        wait = idle_timeout_seconds
+        wait, total_bound = idle_timeout_seconds, False
         if deadline is not None:
             left = max(deadline - time.monotonic(), 0.0)
-            wait = left if wait is None else min(wait, left)
+            if wait is None or left <= wait:
+                wait, total_bound = left, True
         with anyio.move_on_after(wait) as waiting:
             chunk = await anext(iterator, None)
         if waiting.cancelled_caught:
-            if deadline is not None and time.monotonic() >= deadline:
+            # (Which bound it was is known from the wait: timers may fire a hair early.)
+            if total_bound:
                 message = f"the upload took longer than {total_timeout_seconds:g} s"
             else:
                 message = f"no upload data arrived for {idle_timeout_seconds:g} s"
