@@ -4,6 +4,7 @@ server we ship (granian)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -174,3 +175,20 @@ def test_the_real_server_bounds_header_count_and_size(tmp_path: Path) -> None:
             headers=auth(credentials["dashboard_token"]),
         )
         assert listing.json() == []
+
+
+def test_the_real_server_hangs_up_on_headers_that_never_end(tmp_path: Path) -> None:
+    """A client that starts a request and never finishes its headers (slowloris) is cut off
+    after KOOLBASE_OTA_HEADER_TIMEOUT_SECONDS, while others are served meanwhile."""
+    env = {"KOOLBASE_OTA_HEADER_TIMEOUT_SECONDS": "1"}
+    with serving(tmp_path / "data", "header-timeout", env=env) as server:
+        host, port = server.base_url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nX-Slow: ".encode())
+            assert httpx.get(server.base_url + "/healthz").status_code == 200
+            received = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):  # until the server closes the connection
+                    received += chunk
+        # Closed (the 20 s socket timeout would have raised), with at most a 408 and no 200.
+        assert received == b"" or received.startswith(b"HTTP/1.1 408"), received[:80]

@@ -122,6 +122,7 @@ def ensure_default_project(settings: Settings, db: Database) -> Path | None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from granian.constants import HTTPModes, Interfaces, RuntimeModes
+    from granian.http import HTTP1Settings
     from granian.server import Server
 
     settings = _settings()
@@ -156,6 +157,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         # Devices speak HTTP/1.1 (h2 needs TLS, which a load balancer terminates), and one
         # runtime thread per worker measured faster on the check than several.
         http=HTTPModes.http1,
+        # A client that never finishes its headers (slowloris) is cut off.
+        http1_settings=HTTP1Settings(
+            header_read_timeout=int(settings.header_timeout_seconds * 1000)
+        ),
         runtime_mode=RuntimeModes.st,
         address=args.host,
         port=args.port,

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     upload_idle_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     # How long an upload's whole body may take (a trickle that never stalls), then 408.
     upload_timeout_seconds: float = Field(default=600.0, gt=0, le=24 * 3600)
+    # How long a client may take to send a request's headers before `serve` hangs up.
+    header_timeout_seconds: float = Field(default=30.0, ge=1, le=600)
     # How often each process reads the change log; a change reaches every process within it.
     cache_refresh_seconds: float = Field(default=0.2, ge=0.01, le=1.0)
     # S3-compatible storage (KOOLBASE_OTA_STORAGE_URL=s3://bucket/prefix); credentials come from
