@@ -377,18 +377,12 @@ def activate_in_session(
             return
         bundle.rollout_percentage = rollout_percentage
         bundle.updated_at = _later(bundle.updated_at)
-        changes.record(session, project_id=project_id, kind=changes.BUNDLES, channel=bundle.channel)
-        audit.record(
+        _changed(
             session,
-            project_id=project_id,
+            bundle,
             actor=actor,
             action=audit.BUNDLE_UPDATE,
-            target=str(bundle.id),
-            details={
-                "channel": bundle.channel,
-                "version": bundle.version,
-                "rollout_percentage": {"from": rollout_before, "to": rollout_percentage},
-            },
+            rollout_percentage={"from": rollout_before, "to": rollout_percentage},
         )
         return
     previous = session.scalar(
@@ -411,22 +405,10 @@ def activate_in_session(
         bundle.rollout_percentage = rollout_percentage
     if bundle.released_at is None:
         bundle.released_at = now
-    changes.record(session, project_id=project_id, kind=changes.BUNDLES, channel=bundle.channel)
-    details: dict[str, object] = {
-        "channel": bundle.channel,
-        "version": bundle.version,
-        "deactivated": str(previous) if previous is not None else None,
-    }
+    details: dict[str, object] = {"deactivated": str(previous) if previous is not None else None}
     if rollout_percentage is not None:
         details["rollout_percentage"] = rollout_percentage
-    audit.record(
-        session,
-        project_id=project_id,
-        actor=actor,
-        action=audit.BUNDLE_ACTIVATE,
-        target=str(bundle.id),
-        details=details,
-    )
+    _changed(session, bundle, actor=actor, action=audit.BUNDLE_ACTIVATE, **details)
 
 
 #: What PATCH may change besides `mandatory`.
@@ -540,20 +522,14 @@ def recall_bundle(
             if new_head is not None:
                 new_head.active = True
                 new_head.updated_at = _later(new_head.updated_at)
-        changes.record(session, project_id=project_id, kind=changes.BUNDLES, channel=bundle.channel)
-        audit.record(
+        _changed(
             session,
-            project_id=project_id,
+            bundle,
             actor=actor,
             action=audit.BUNDLE_RECALL,
-            target=str(bundle.id),
-            details={
-                "channel": bundle.channel,
-                "version": bundle.version,
-                "was_active": was_active,
-                "new_head": str(new_head.id) if new_head is not None else None,
-                "new_head_version": new_head.version if new_head is not None else None,
-            },
+            was_active=was_active,
+            new_head=str(new_head.id) if new_head is not None else None,
+            new_head_version=new_head.version if new_head is not None else None,
         )
     return bundle
 
@@ -573,24 +549,34 @@ def set_mandatory(
     return bundle
 
 
+def _changed(
+    session: Session, bundle: Bundle, *, actor: str, action: str, **details: object
+) -> None:
+    """A change to `bundle` devices may see: logged for every process's cache, and audited."""
+    changes.record(
+        session, project_id=bundle.project_id, kind=changes.BUNDLES, channel=bundle.channel
+    )
+    audit.record(
+        session,
+        project_id=bundle.project_id,
+        actor=actor,
+        action=action,
+        target=str(bundle.id),
+        details={"channel": bundle.channel, "version": bundle.version, **details},
+    )
+
+
 def _set_mandatory(session: Session, bundle: Bundle, *, mandatory: bool | None, actor: str) -> None:
-    project_id = bundle.project_id
     was = bundle.mandatory
     bundle.mandatory = (not bundle.mandatory) if mandatory is None else mandatory
     bundle.updated_at = _later(bundle.updated_at)
-    changes.record(session, project_id=project_id, kind=changes.BUNDLES, channel=bundle.channel)
-    audit.record(
+    _changed(
         session,
-        project_id=project_id,
+        bundle,
         actor=actor,
         action=audit.BUNDLE_MANDATORY,
-        target=str(bundle.id),
-        details={
-            "channel": bundle.channel,
-            "version": bundle.version,
-            "mandatory": bundle.mandatory,
-            "was": was,
-        },
+        mandatory=bundle.mandatory,
+        was=was,
     )
 
 

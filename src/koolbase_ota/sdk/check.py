@@ -316,6 +316,16 @@ class CheckOut(BaseModel):
     rollback: bool | None = None
 
 
+def no_store_json(status: int, body: bytes) -> Response:
+    """A documented check route's answer, as the bare endpoint sends it."""
+    return Response(
+        body,
+        status_code=status,
+        media_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
 def rate_limited(context: AppContext, request: Request, api_key: str | None) -> Response | None:
     """The 429 for a documented check route's request over a limit, or None."""
     limits = context.limits
@@ -377,9 +387,4 @@ async def check(
         platform=platform,
         device_id=device_id,
     )
-    return Response(
-        body,
-        status_code=status,
-        media_type="application/json",
-        headers={"Cache-Control": "no-store"},
-    )
+    return no_store_json(status, body)

@@ -19,7 +19,13 @@ from koolbase_ota.bundles.schemas import ErrorOut
 from koolbase_ota.deps import ContextDep
 from koolbase_ota.ratelimit import RateLimits
 from koolbase_ota.sdk.cache import CODE_PUSH_ROUTE, CheckCache
-from koolbase_ota.sdk.check import CheckEndpoint, api_key_header, rate_limited, resolve
+from koolbase_ota.sdk.check import (
+    CheckEndpoint,
+    api_key_header,
+    no_store_json,
+    rate_limited,
+    resolve,
+)
 from koolbase_ota.security import RATE_LIMITED_RESPONSE
 
 CODE_PUSH_PATH = CODE_PUSH_ROUTE
@@ -154,9 +160,4 @@ async def code_push_check(
         platform=platform,
         device_id=device_id,
     )
-    return Response(
-        body,
-        status_code=status,
-        media_type="application/json",
-        headers={"Cache-Control": "no-store"},
-    )
+    return no_store_json(status, body)
