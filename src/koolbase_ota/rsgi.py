@@ -24,7 +24,6 @@ from urllib.parse import parse_qsl, unquote
 
 from koolbase_ota.app import OTAApp, create_app
 from koolbase_ota.config import Settings
-from koolbase_ota.errors import OTAError
 from koolbase_ota.metrics import LATENCY, REQUESTS
 from koolbase_ota.sdk.check import CHECK_PATH, CheckEndpoint
 from koolbase_ota.sdk.codepush import CODE_PUSH_PATH
@@ -99,7 +98,9 @@ class RSGIApp:
                 range_header=headers.get("range"),
                 if_range="if-range" in headers,
             )
-        except OTAError:
+        except Exception:
+            # A refusal, or a database that is down on a cold lookup: the app answers it
+            # (its JSON error, or its 503) exactly as on ASGI.
             return False
         if plan.other_range:
             return False
