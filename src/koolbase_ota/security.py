@@ -96,18 +96,21 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.max_bytes
-        refusal = JSONResponse(
-            {
-                "error": f"the request body is larger than the limit of {limit} bytes",
-                "code": BODY_TOO_LARGE_CODE,
-            },
-            status_code=413,
-            headers={"Connection": "close"},
-        )
+
+        def refusal() -> JSONResponse:  # built only for the rare request that gets it
+            return JSONResponse(
+                {
+                    "error": f"the request body is larger than the limit of {limit} bytes",
+                    "code": BODY_TOO_LARGE_CODE,
+                },
+                status_code=413,
+                headers={"Connection": "close"},
+            )
+
         for name, value in scope["headers"]:
             if name == b"content-length" and (not value.isdigit() or int(value) > limit):
                 ERRORS.labels(BODY_TOO_LARGE_CODE).inc()
-                await refusal(scope, receive, send)
+                await refusal()(scope, receive, send)
                 return
         received = 0
         passed = False
@@ -129,7 +132,7 @@ class BodyLimitMiddleware:
             nonlocal replaced
             if passed and message["type"] == "http.response.start" and not replaced:
                 replaced = True
-                await refusal(scope, receive, send)
+                await refusal()(scope, receive, send)
             elif not replaced:
                 await send(message)
 
