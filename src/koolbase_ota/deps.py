@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -13,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from koolbase_ota import audit
 from koolbase_ota.config import Settings
 from koolbase_ota.db import Database
-from koolbase_ota.errors import NotFound, Unauthorized
+from koolbase_ota.errors import InvalidInput, NotFound, Unauthorized
 from koolbase_ota.projects import service as projects
 from koolbase_ota.ratelimit import RateLimited, RateLimits
 from koolbase_ota.sdk.cache import CheckCache
@@ -99,6 +101,25 @@ async def authorised_project(
 
 DashboardDep = Annotated[Dashboard, Depends(authorised_dashboard)]
 ProjectDep = Annotated[uuid.UUID, Depends(authorised_project)]
+
+
+def json_object(
+    body: bytes, *, expected: str, fields: Collection[str] | None, optional: bool = False
+) -> dict[str, Any]:
+    """A dashboard route's JSON object body holding only `fields` (None: the service checks
+    them), with our own error codes, not FastAPI's 422. `optional`: an empty body is `{}`."""
+    if optional and not body.strip():
+        return {}
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"the body must be JSON: {expected}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise InvalidInput(f"the body must be {expected}", code="invalid_body")
+    unknown = set() if fields is None else set(data) - set(fields)
+    if unknown:
+        raise InvalidInput(f"unknown fields: {', '.join(sorted(unknown))}", code="invalid_body")
+    return data
 
 
 def parse_id(raw: str, *, what: str) -> uuid.UUID:

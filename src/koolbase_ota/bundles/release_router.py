@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -10,8 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from koolbase_ota.bundles import promote
 from koolbase_ota.bundles.schemas import BundleOut, ErrorOut
-from koolbase_ota.deps import ContextDep, DashboardDep, parse_id
-from koolbase_ota.errors import InvalidInput
+from koolbase_ota.deps import ContextDep, DashboardDep, json_object, parse_id
 
 router = APIRouter(prefix="/v1/projects/{project_id}/ota", tags=["bundles"])
 
@@ -69,7 +67,9 @@ async def promote_bundle(
     bundle_id: str, request: Request, dashboard: DashboardDep, context: ContextDep
 ) -> BundleOut:
     parsed_id = parse_id(bundle_id, what="bundle")
-    promotion = promote.parse_promotion(_json(await request.body()))
+    promotion = promote.parse_promotion(
+        json_object(await request.body(), expected='{"channel": "...", ...}', fields=promote.FIELDS)
+    )
     bundle = await promote.promote_bundle(
         db=context.db,
         store=context.store,
@@ -81,10 +81,3 @@ async def promote_bundle(
     # This process's checks see an activated copy at once; the others within their refresh.
     await context.check_cache.refresh()
     return BundleOut.of(bundle)
-
-
-def _json(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput('the body must be JSON: {"channel": ...}', code="invalid_json") from exc

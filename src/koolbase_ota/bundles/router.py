@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
@@ -14,7 +13,7 @@ from koolbase_ota.bundles import service
 from koolbase_ota.bundles.multipart import check_declared_length, read_upload_form
 from koolbase_ota.bundles.schemas import ActivateIn, BundleOut, BundlePatchIn, ErrorOut
 from koolbase_ota.bundles.targeting import parse_rollout_percentage
-from koolbase_ota.deps import ContextDep, DashboardDep, ProjectDep, parse_id
+from koolbase_ota.deps import ContextDep, DashboardDep, ProjectDep, json_object, parse_id
 from koolbase_ota.errors import InvalidInput
 from koolbase_ota.metrics import UPLOAD_BYTES, UPLOADS
 
@@ -214,10 +213,12 @@ async def activate_bundle(
     bundle_id: str, request: Request, dashboard: DashboardDep, context: ContextDep
 ) -> BundleOut:
     parsed_id = parse_id(bundle_id, what="bundle")
-    body = _json_object(await request.body(), expected='{"rollout_percentage": 1-100}')
-    unknown = set(body) - {"rollout_percentage"}
-    if unknown:
-        raise InvalidInput(f"unknown fields: {', '.join(sorted(unknown))}", code="invalid_body")
+    body = json_object(
+        await request.body(),
+        expected='{"rollout_percentage": 1-100}',
+        fields=("rollout_percentage",),
+        optional=True,
+    )
     raw = body.get("rollout_percentage")
     bundle = await run_in_threadpool(
         service.activate_bundle,
@@ -274,7 +275,12 @@ async def set_mandatory(
     bundle_id: str, request: Request, dashboard: DashboardDep, context: ContextDep
 ) -> BundleOut:
     parsed_id = parse_id(bundle_id, what="bundle")
-    body = _json_object(await request.body(), expected='{"mandatory": true|false, ...}')
+    body = json_object(
+        await request.body(),
+        expected='{"mandatory": true|false, ...}',
+        fields=None,  # service.update_bundle names the unknown ones
+        optional=True,
+    )
     if set(body) <= {"mandatory"}:
         # The seed's PATCH: set the flag, or toggle it with no value.
         mandatory = body.get("mandatory")
@@ -299,19 +305,6 @@ async def set_mandatory(
         )
     await context.check_cache.refresh()
     return BundleOut.of(bundle)
-
-
-def _json_object(body: bytes, *, expected: str) -> dict[str, Any]:
-    """An optional JSON object body: empty means `{}`."""
-    if not body.strip():
-        return {}
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput("the body must be JSON", code="invalid_json") from exc
-    if not isinstance(data, dict):
-        raise InvalidInput(f"the body must be {expected}", code="invalid_body")
-    return data
 
 
 @router.delete(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -12,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from koolbase_ota.bundles.schemas import ErrorOut
 from koolbase_ota.clock import rfc3339
-from koolbase_ota.deps import ContextDep, DashboardDep, ProjectDep
+from koolbase_ota.deps import ContextDep, DashboardDep, ProjectDep, json_object
 from koolbase_ota.errors import InvalidInput
 from koolbase_ota.projects import channels
 
@@ -92,15 +91,7 @@ async def add_channel(request: Request, dashboard: DashboardDep, context: Contex
 
 def _name_from(body: bytes) -> str:
     """`{"name": "..."}`, parsed here so that every mistake gets our own error code."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput('the body must be JSON: {"name": "..."}', code="invalid_json") from exc
-    if not isinstance(data, dict):
-        raise InvalidInput('the body must be {"name": "..."}', code="invalid_body")
-    unknown = set(data) - {"name"}
-    if unknown:
-        raise InvalidInput(f"unknown fields: {', '.join(sorted(unknown))}", code="invalid_body")
+    data = json_object(body, expected='{"name": "..."}', fields=("name",))
     name = data.get("name")
     if not isinstance(name, str):
         raise InvalidInput("name is required and must be a string", code="invalid_channel")
