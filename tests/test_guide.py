@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,15 +12,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import RunningServer
+from tests.test_readme import run_doc_block
 
 GUIDE = Path(__file__).resolve().parent.parent / "docs" / "RELEASING.md"
-
-
-def guide_block() -> str:
-    text = GUIDE.read_text()
-    match = re.search(r"<!-- guide:start -->\n```bash\n(.*?)```\n<!-- guide:end -->", text, re.S)
-    assert match, "the guide has no runnable block"
-    return match.group(1)
 
 
 @pytest.fixture(scope="module")
@@ -39,25 +30,7 @@ def read(directory: Path, name: str) -> Any:
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="the guide uses curl")
 def test_the_release_guide_runs_verbatim(server: RunningServer, tmp_path: Path) -> None:
-    script = guide_block()
-    assert script.startswith("OTA=http://127.0.0.1:8080\n")
-    script = script.replace("OTA=http://127.0.0.1:8080", f"OTA={server.base_url}", 1)
-    # The block runs from the checkout, where `make run` made .venv.
-    (tmp_path / ".venv").symlink_to(Path(sys.prefix))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KOOLBASE_OTA_")}
-    env.update(server.environment())
-
-    result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-    assert result.returncode == 0, result.stderr + result.stdout
+    result = run_doc_block(GUIDE, "guide", server, tmp_path, timeout=300)
     out = result.stdout
     good, staged, release = (
         read(tmp_path, f"{name}.json") for name in ("good", "staged", "release")

@@ -17,18 +17,19 @@ from tests.conftest import RunningServer
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def walkthrough() -> str:
-    text = README.read_text()
-    match = re.search(
-        r"<!-- walkthrough:start -->\n```bash\n(.*?)```\n<!-- walkthrough:end -->", text, re.S
-    )
-    assert match, "README has no walk-through block"
+def doc_block(path: Path, marker: str) -> str:
+    """The shell block between `<!-- {marker}:start -->` and `<!-- {marker}:end -->`."""
+    pattern = rf"<!-- {marker}:start -->\n```bash\n(.*?)```\n<!-- {marker}:end -->"
+    match = re.search(pattern, path.read_text(), re.S)
+    assert match, f"{path.name} has no {marker} block"
     return match.group(1)
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="the walk-through uses curl")
-def test_readme_walkthrough_runs_verbatim(server: RunningServer, tmp_path: Path) -> None:
-    script = walkthrough()
+def run_doc_block(
+    path: Path, marker: str, server: RunningServer, tmp_path: Path, *, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """A document's shell block, run verbatim (but for the server's address) from `tmp_path`."""
+    script = doc_block(path, marker)
     assert script.startswith("OTA=http://127.0.0.1:8080\n")
     script = script.replace("OTA=http://127.0.0.1:8080", f"OTA={server.base_url}", 1)
     # The block runs from the checkout, where `make run` made .venv.
@@ -41,10 +42,16 @@ def test_readme_walkthrough_runs_verbatim(server: RunningServer, tmp_path: Path)
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
     assert result.returncode == 0, result.stderr + result.stdout
+    return result
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the walk-through uses curl")
+def test_readme_walkthrough_runs_verbatim(server: RunningServer, tmp_path: Path) -> None:
+    result = run_doc_block(README, "walkthrough", server, tmp_path, timeout=120)
     assert "checksum OK" in result.stdout
     lines = result.stdout.strip().splitlines()
     assert lines[-2] == "204"
