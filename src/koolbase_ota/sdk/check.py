@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import unquote_plus
@@ -232,30 +233,38 @@ class CheckEndpoint:
             device_id=query.get("device_id"),
         )
 
+    async def outcome(
+        self, api_key: str | None, address: Callable[[], str], raw_query: bytes | str
+    ) -> tuple[int, bytes, bool, str | None, int | None]:
+        """Status, body, cache hit, error code and the 429's `Retry-After` (or None), for
+        both interfaces. `address` gives the client's, read only when a limit applies."""
+        # Before anything else, so a flood of invented keys never reaches the database.
+        if self.limits is not None:
+            retry_after = self.limits.check(api_key, address())
+            if retry_after is not None:
+                return 429, _RATE_LIMITED, True, "rate_limited", retry_after
+        try:
+            status, body, hit, error = await self.respond(api_key, parse_query(raw_query))
+        except Exception:
+            # A cold entry and a database that is down: the one case with no answer to give.
+            return 503, _UNAVAILABLE, False, "database_unavailable", None
+        return status, body, hit, error, None
+
     async def __call__(self, scope: Scope, send: Send) -> None:
         started = time.perf_counter()
         api_key = None
         for name, value in scope["headers"]:
             if name == b"x-api-key":
                 api_key = value.decode("latin-1")
-        headers = self.headers
-        error: str | None
-        # Before anything else, so a flood of invented keys never reaches the database.
-        retry_after = (
-            None
-            if self.limits is None
-            else self.limits.check(api_key, self.limits.client_address(scope))
+        limits = self.limits
+        status, body, hit, error, retry_after = await self.outcome(
+            api_key,
+            lambda: limits.client_address(scope) if limits is not None else "",
+            scope["query_string"],
         )
+        headers = self.headers
         if retry_after is not None:
-            status, body, hit, error = 429, _RATE_LIMITED, True, "rate_limited"
             headers = [*headers, (b"retry-after", str(retry_after).encode())]
-        else:
-            query = parse_query(scope["query_string"])
-            try:
-                status, body, hit, error = await self.respond(api_key, query)
-            except Exception:
-                # A cold entry and a database that is down: the one case with no answer to give.
-                status, body, hit, error = 503, _UNAVAILABLE, False, "database_unavailable"
         await send(
             {
                 "type": "http.response.start",
@@ -270,23 +279,15 @@ class CheckEndpoint:
         """The same answers on granian's RSGI interface, with no ASGI scope or messages."""
         started = time.perf_counter()
         api_key = scope.headers.get("x-api-key")
-        headers = self.text_headers
-        error: str | None
-        retry_after = (
-            None
-            if self.limits is None
-            else self.limits.check(api_key, self.limits.rsgi_client_address(scope))
+        limits = self.limits
+        status, body, hit, error, retry_after = await self.outcome(
+            api_key,
+            lambda: limits.rsgi_client_address(scope) if limits is not None else "",
+            scope.query_string,
         )
+        headers = self.text_headers
         if retry_after is not None:
-            status, body, hit, error = 429, _RATE_LIMITED, True, "rate_limited"
             headers = [*headers, ("retry-after", str(retry_after))]
-        else:
-            try:
-                status, body, hit, error = await self.respond(
-                    api_key, parse_query(scope.query_string)
-                )
-            except Exception:
-                status, body, hit, error = 503, _UNAVAILABLE, False, "database_unavailable"
         protocol.response_bytes(status, [*headers, ("content-length", str(len(body)))], body)
         self.tally.record(status, time.perf_counter() - started, hit=hit, error=error)
 
