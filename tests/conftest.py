@@ -18,10 +18,11 @@ import httpx
 import pytest
 import uvicorn
 
-from koolbase_ota.app import create_app
+from koolbase_ota.app import OTAApp, create_app
 from koolbase_ota.config import Settings
 from koolbase_ota.db import Database, create_db_engine, upgrade_schema
 from koolbase_ota.deps import AppContext
+from koolbase_ota.httpserver import uvicorn_options
 from koolbase_ota.projects import service as projects
 from koolbase_ota.storage import BundleStore
 from tests.services import PostgresService, SeaweedService
@@ -76,10 +77,15 @@ class RunningServer:
     _thread: threading.Thread
 
     @property
+    def app(self) -> OTAApp:
+        app = self._server.config.app
+        assert isinstance(app, OTAApp)
+        return app
+
+    @property
     def context(self) -> AppContext:
         """The app's own database, store and settings."""
-        app: Any = self._server.config.app
-        context: AppContext = app.state.context
+        context: AppContext = self.app.state.context
         return context
 
     @property
@@ -154,7 +160,11 @@ def free_socket() -> socket.socket:
 
 
 def start_server(
-    data_dir: Path, *, backend: str = "sqlite-local", **overrides: Any
+    data_dir: Path,
+    *,
+    backend: str = "sqlite-local",
+    uvicorn_overrides: Any = None,
+    **overrides: Any,
 ) -> RunningServer:
     sock = free_socket()
     port = sock.getsockname()[1]
@@ -165,10 +175,9 @@ def start_server(
     ).resolved()
     engine = create_db_engine(settings.database_url)
     upgrade_schema(engine, lock_dir=settings.data_dir)
-    # No proxy_headers: like granian in production, the app alone decides on X-Forwarded-For.
-    config = uvicorn.Config(
-        create_app(settings), log_level="warning", lifespan="on", proxy_headers=False
-    )
+    # The protocol `serve` runs (warm checks in the parser's callbacks, files by sendfile).
+    options = {**uvicorn_options(), **(uvicorn_overrides or {})}
+    config = uvicorn.Config(create_app(settings), log_level="warning", **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

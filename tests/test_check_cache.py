@@ -13,6 +13,7 @@ import httpx
 import pytest
 from sqlalchemy import event
 
+from koolbase_ota.sdk.cache import ANSWER_REUSE_SECONDS
 from tests.conftest import Project, RunningServer, new_project, released, start_server
 from tests.services import PostgresService
 
@@ -139,7 +140,27 @@ def test_every_url_handed_out_is_valid_for_at_least_half_the_ttl(
     offer = server.context.check_cache.channels[(project.id, "production")]
     assert offer is not None
     assert offer.offer is not None
-    assert offer.offer.renew_at - time.monotonic() <= ttl / 2
+    # Renewed early enough that an answer reused for up to ANSWER_REUSE_SECONDS after its
+    # URL's renewal is due still carries at least half the lifetime.
+    assert offer.offer.renew_at - time.monotonic() <= ttl / 2 - ANSWER_REUSE_SECONDS
+
+
+def test_identical_checks_reuse_the_answer_for_at_most_a_second_and_not_across_a_change(
+    server: RunningServer, client: httpx.Client, project: Project
+) -> None:
+    bundle = released(client, project)
+    endpoint = server.app.check_endpoint
+    assert endpoint is not None
+    client.get(CHECK, headers=project.key())  # cold: loads the channel
+    first = client.get(CHECK, headers=project.key())
+    (generation, until, answer) = endpoint.answers[(project.keys["production"], b"")]
+    assert answer[1] == first.content
+    assert generation == server.context.check_cache.generation
+    assert 0 < until - time.monotonic() <= ANSWER_REUSE_SECONDS
+    path = project.path(f"/bundles/{bundle['id']}")
+    assert client.patch(path, headers=project.auth, json={"mandatory": True}).status_code == 200
+    # The change bumped the generation: the reused answer is not handed out again.
+    assert client.get(CHECK, headers=project.key()).json()["mandatory"] is True
 
 
 def test_changes_reach_the_cached_answer_at_once_in_this_process(

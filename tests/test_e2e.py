@@ -318,8 +318,12 @@ def test_restart_keeps_the_project_and_its_credentials(tmp_path: Path) -> None:
     assert str(credentials_path.resolve()) not in second_log
 
 
+#: How uvicorn (the default) and granian log a started worker process.
+WORKER_STARTED = re.compile(r"Started server process \[(\d+)\]|Spawning worker-\d+ with PID: (\d+)")
+
+
 def worker_pids(log: str) -> set[int]:
-    return {int(pid) for pid in re.findall(r"Spawning worker-\d+ with PID: (\d+)", log)}
+    return {int(uvicorn or granian) for uvicorn, granian in WORKER_STARTED.findall(log)}
 
 
 def test_two_workers_serve_a_project_made_with_the_cli(tmp_path: Path) -> None:
@@ -331,7 +335,7 @@ def test_two_workers_serve_a_project_made_with_the_cli(tmp_path: Path) -> None:
 
     with serving(data_dir, "workers", "--workers", "2") as server:
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while server.log().count("Started worker-") < 2 and time.monotonic() < deadline:
+        while len(worker_pids(server.log())) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         pids = worker_pids(server.log())
         assert len(pids) == 2, server.log()

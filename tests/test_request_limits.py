@@ -1,5 +1,5 @@
 """Request limits: the body of every request but an upload, and the header bounds of the HTTP
-server we ship (granian)."""
+server we ship."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def test_a_route_whose_body_the_framework_parses_still_answers_413() -> None:
 
 
 def test_the_real_server_bounds_header_count_and_size(tmp_path: Path) -> None:
-    """granian refuses more than 100 headers or headers past its ~400 KiB buffer with 431,
+    """The server refuses more than 100 headers or a request head over 64 KiB with 431,
     and a JSON body over the limit gets our 413, then goes on serving."""
     with serving(tmp_path / "data", "headers") as server:
         host, port = server.base_url.removeprefix("http://").split(":")

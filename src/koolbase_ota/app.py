@@ -31,6 +31,7 @@ from koolbase_ota.sdk.check import router as check_router
 from koolbase_ota.sdk.codepush import CodePushEndpoint, is_code_push
 from koolbase_ota.sdk.codepush import router as code_push_router
 from koolbase_ota.sdk.downloads import router as downloads_router
+from koolbase_ota.sdk.downloads import send_download
 from koolbase_ota.security import (
     BODY_TOO_LARGE_RESPONSE,
     RATE_LIMITED_RESPONSE,
@@ -40,6 +41,7 @@ from koolbase_ota.security import (
     cors_origins,
 )
 from koolbase_ota.storage import open_store
+from koolbase_ota.storage.signing import DOWNLOAD_PREFIX
 
 
 class OTAApp(FastAPI):
@@ -54,6 +56,14 @@ class OTAApp(FastAPI):
             return
         if self.code_push_endpoint is not None and is_code_push(scope):
             await self.code_push_endpoint(scope, send)
+            return
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "GET"
+            and scope["path"].startswith(DOWNLOAD_PREFIX)
+            and "http.response.zerocopysend" in scope.get("extensions", {})
+            and await send_download(self.state.context, scope, send)
+        ):
             return
         await super().__call__(scope, receive, send)
 

@@ -121,10 +121,6 @@ def ensure_default_project(settings: Settings, db: Database) -> Path | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from granian.constants import HTTPModes, Interfaces, RuntimeModes
-    from granian.http import HTTP1Settings
-    from granian.server import Server
-
     settings = _settings()
     db = _database(settings, announce=True)
     credentials = ensure_default_project(settings, db)
@@ -144,9 +140,38 @@ def cmd_serve(args: argparse.Namespace) -> None:
         args.workers,
         settings.data_dir,
     )
-    # Granian: a Rust HTTP server that runs the app with far less overhead per request than a
-    # pure-Python one. On its RSGI interface (koolbase_ota.rsgi) it also sends download files
-    # and ranges without their bytes passing through Python.
+    if settings.server_interface == "uvicorn":
+        _serve_uvicorn(args, settings)
+    else:
+        _serve_granian(args, settings)
+
+
+def _serve_uvicorn(args: argparse.Namespace, settings: Settings) -> None:
+    """uvicorn with our protocol (`koolbase_ota.httpserver`): warm checks answered inside the
+    HTTP parser's callbacks, files sent with sendfile(2)."""
+    import uvicorn
+
+    from koolbase_ota.httpserver import uvicorn_options
+
+    uvicorn.run(
+        "koolbase_ota.app:create_app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_config=logging_config(settings.log_format),
+        timeout_graceful_shutdown=10,
+        **uvicorn_options(),
+    )
+
+
+def _serve_granian(args: argparse.Namespace, settings: Settings) -> None:
+    """granian, a Rust HTTP server: on its RSGI interface (koolbase_ota.rsgi) it sends download
+    files and ranges without their bytes passing through Python."""
+    from granian.constants import HTTPModes, Interfaces, RuntimeModes
+    from granian.http import HTTP1Settings
+    from granian.server import Server
+
     rsgi = settings.server_interface == "rsgi"
     Server(
         "koolbase_ota.rsgi:create_rsgi_app_from_env"

@@ -48,9 +48,10 @@ class Settings(BaseSettings):
     access_log: bool = False
     # Comma-separated browser origins allowed to call the API (a web dashboard); empty: CORS off.
     cors_origins: str = ""
-    # How `serve` runs the app on granian: "rsgi" sends download files and ranges from Rust;
-    # "asgi" is the plain ASGI app, a fallback should the RSGI bridge ever misbehave.
-    server_interface: Literal["rsgi", "asgi"] = "rsgi"
+    # The HTTP server `serve` runs: "uvicorn" with our protocol (koolbase_ota.httpserver: warm
+    # checks answered in the parser's callbacks, files sent with sendfile); or granian, on its
+    # RSGI interface ("rsgi": files sent from Rust) or its ASGI one ("asgi").
+    server_interface: Literal["uvicorn", "rsgi", "asgi"] = "uvicorn"
     # Rate limits, per process (N processes: up to N times these). 0 turns a limit off.
     # Per key is off: every device of an app shares its key, so a limit that bites an attacker
     # holding the (public) key bites the whole fleet just the same.

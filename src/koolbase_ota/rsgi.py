@@ -18,23 +18,18 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, MutableMapping
-from email.utils import formatdate
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from koolbase_ota.app import OTAApp, create_app
 from koolbase_ota.config import Settings
-from koolbase_ota.metrics import LATENCY, REQUESTS
 from koolbase_ota.sdk.check import CHECK_PATH, CheckEndpoint
 from koolbase_ota.sdk.codepush import CODE_PUSH_PATH
-from koolbase_ota.sdk.downloads import plan_download, range_headers
-from koolbase_ota.security import check_headers
+from koolbase_ota.sdk.downloads import answer_headers, count_download, plan_download
 from koolbase_ota.storage.signing import DOWNLOAD_PREFIX
 
 logger = logging.getLogger(__name__)
 
-_DOWNLOAD_ROUTE = DOWNLOAD_PREFIX + "{key:path}"
-_SECURITY_HEADERS = [(name.decode(), value.decode()) for name, value in check_headers()]
 _INTERNAL_ERROR = b'{"error":"internal server error","code":"internal_error"}'
 
 
@@ -104,25 +99,13 @@ class RSGIApp:
             return False
         if plan.other_range:
             return False
-        answer = [
-            ("content-type", "application/zip"),
-            ("last-modified", formatdate(plan.stat.st_mtime, usegmt=True)),
-            *plan.headers.items(),
-            *_SECURITY_HEADERS,
-        ]
+        status, answer = answer_headers(plan)
         if plan.span is None:
-            status = 200
-            answer.append(("accept-ranges", "bytes"))
-            answer.append(("content-length", str(plan.stat.st_size)))
             protocol.response_file(status, answer, str(plan.path))
         else:
-            status = 206
             start, end = plan.span
-            answer.extend(range_headers(start, end, plan.stat.st_size).items())
-            answer.append(("content-length", str(end - start)))
             protocol.response_file_range(status, answer, str(plan.path), start, end)
-        REQUESTS.labels("GET", _DOWNLOAD_ROUTE, str(status)).inc()
-        LATENCY.labels("GET", _DOWNLOAD_ROUTE).observe(time.perf_counter() - started)
+        count_download(status, started)
         return True
 
 

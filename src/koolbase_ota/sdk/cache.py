@@ -44,6 +44,10 @@ CODE_PUSH_ROUTE = "/v1/code-push/check"
 #: Beyond this many entries a map is emptied: a flood of made-up keys or channels costs
 #: memory up to this bound, then a cold cache, never unbounded growth.
 MAX_ENTRIES = 200_000
+#: A check's finished answer is reused for identical requests (same key and query) for at
+#: most this long, and never across an invalidation; download URLs are renewed this much
+#: early, so a reused answer still carries a URL valid for at least half its lifetime.
+ANSWER_REUSE_SECONDS = 1.0
 PRUNE_EVERY_SECONDS = 600
 K = TypeVar("K")
 V = TypeVar("V")
@@ -120,7 +124,7 @@ class Release:
         if now >= self.renew_at:
             self.url = store.download_url(self.storage_path, ttl_seconds=ttl_seconds)
             self.bodies = {}
-            self.renew_at = now + ttl_seconds / 2
+            self.renew_at = now + max(ttl_seconds / 2 - ANSWER_REUSE_SECONDS, 0.0)
         key = (kind, mandatory)
         body = self.bodies.get(key)
         if body is None:

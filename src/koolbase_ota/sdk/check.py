@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -24,7 +25,14 @@ from koolbase_ota.bundles import targeting
 from koolbase_ota.bundles.schemas import ErrorOut
 from koolbase_ota.deps import AppContext, ContextDep
 from koolbase_ota.ratelimit import RateLimits
-from koolbase_ota.sdk.cache import ANY_DEVICE, CHECK_ROUTE, ChannelState, CheckCache, Device
+from koolbase_ota.sdk.cache import (
+    ANSWER_REUSE_SECONDS,
+    ANY_DEVICE,
+    CHECK_ROUTE,
+    ChannelState,
+    CheckCache,
+    Device,
+)
 from koolbase_ota.security import RATE_LIMITED_RESPONSE
 
 CHECK_PATH = CHECK_ROUTE
@@ -64,6 +72,14 @@ _ERRORS = {
     ),
 }
 _RATE_LIMITED = _error("too many requests; retry later", "rate_limited")
+
+#: A check's status, body, cache hit and error code.
+Answer = tuple[int, bytes, bool, str | None]
+#: The same and the 429's `Retry-After` (or None).
+Outcome = tuple[int, bytes, bool, str | None, int | None]
+#: Bounds of the reused answers (`CheckEndpoint.cached_outcome`): entries, and request size.
+_MAX_REUSED = 10_000
+_MAX_REUSED_REQUEST = 512
 
 
 def parse_device(
@@ -111,17 +127,33 @@ async def answer(
     """Status, JSON body, whether the cache had it all, and the error code if one."""
     found = await resolve(
         cache,
-        api_key=api_key,
-        channel=channel or DEFAULT_CHANNEL,
-        version=version,
-        version_error="invalid_version",
-        app_version=app_version,
-        platform=platform,
-        device_id=device_id,
+        CheckRequest(
+            api_key=api_key,
+            channel=channel or DEFAULT_CHANNEL,
+            version=version,
+            version_error="invalid_version",
+            app_version=app_version,
+            platform=platform,
+            device_id=device_id,
+        ),
     )
     if isinstance(found, tuple):
         return found
     return 200, cache.answer_for(found.state, found.current, found.device), found.hit, None
+
+
+@dataclass(frozen=True)
+class CheckRequest:
+    """What a check asks, as both checks name it: the key, the channel (its default
+    applied), the device's bundle version (and the error code when it is not a number)."""
+
+    api_key: str | None
+    channel: str
+    version: str | None
+    version_error: str
+    app_version: str | None
+    platform: str | None
+    device_id: str | None
 
 
 @dataclass
@@ -134,42 +166,63 @@ class Resolved:
     hit: bool
 
 
-async def resolve(
-    cache: CheckCache,
-    *,
-    api_key: str | None,
-    channel: str,
-    version: str | None,
-    version_error: str,
-    app_version: str | None,
-    platform: str | None,
-    device_id: str | None,
-) -> Resolved | tuple[int, bytes, bool, str]:
-    """The key's project and the channel's state, or the error answer; shared by both checks."""
+@dataclass(frozen=True)
+class Miss:
+    """What `resolve_cached` needs from the database first: the key's project (`project_id`
+    None) or that project's channel."""
+
+    project_id: uuid.UUID | None
+
+
+def resolve_cached(
+    cache: CheckCache, request: CheckRequest, loaded: dict[str, Any] | None = None
+) -> Resolved | tuple[int, bytes, bool, str] | Miss:
+    """The key's project and the channel's state, or the error answer, from the cache alone
+    (and what the caller `loaded` for it); a `Miss` names the lookup it lacks. Shared by both
+    checks; a warm check is this function and nothing else."""
+    hit = not loaded
+    api_key, channel = request.api_key, request.channel
     if not api_key:
-        return _fail("missing_api_key", hit=True)
-    # The dict reads inline are the whole of a warm check; only a miss awaits the database.
-    hit = True
+        return _fail("missing_api_key", hit=hit)
     project_id = cache.keys.get(api_key, _MISSING)
     if project_id is _MISSING:
-        project_id, hit = await cache.project_for_key(api_key)
+        if loaded is None or "key" not in loaded:
+            return Miss(None)
+        project_id = loaded["key"]
     if project_id is None:
         return _fail("invalid_api_key", hit=hit)
-    current = parse_version(version)
+    current = parse_version(request.version)
     if current is None:
-        return _fail(version_error, hit=hit)
-    device = parse_device(app_version, platform, device_id)
+        return _fail(request.version_error, hit=hit)
+    device = parse_device(request.app_version, request.platform, request.device_id)
     if isinstance(device, str):
         return _fail(device, hit=hit)
     if len(channel) > _MAX_CHANNEL:
         return _fail("invalid_channel", hit=hit)
     state = cache.channels.get((project_id, channel), _MISSING)
     if state is _MISSING:
-        state, channel_hit = await cache.channel(project_id, channel)
-        hit = hit and channel_hit
+        if loaded is None or "channel" not in loaded:
+            return Miss(project_id)
+        state = loaded["channel"]
     if state is None:
         return _fail("invalid_channel", hit=hit)
     return Resolved(state=state, current=current, device=device, hit=hit)
+
+
+async def resolve(
+    cache: CheckCache, request: CheckRequest
+) -> Resolved | tuple[int, bytes, bool, str]:
+    """`resolve_cached`, reading what the cache lacks from the database (in a worker thread)."""
+    loaded: dict[str, Any] = {}
+    while True:
+        found = resolve_cached(cache, request, loaded)
+        if not isinstance(found, Miss):
+            return found
+        if found.project_id is None:
+            assert request.api_key  # resolve_cached answers a missing key itself
+            loaded["key"], _hit = await cache.project_for_key(request.api_key)
+        else:
+            loaded["channel"], _hit = await cache.channel(found.project_id, request.channel)
 
 
 def _fail(code: str, *, hit: bool) -> tuple[int, bytes, bool, str]:
@@ -206,6 +259,8 @@ def is_check(scope: Scope) -> bool:
 class CheckEndpoint:
     """Answers a GET of CHECK_PATH without the framework: no routing, no dependencies."""
 
+    path = CHECK_PATH
+
     def __init__(
         self,
         cache: CheckCache,
@@ -216,38 +271,93 @@ class CheckEndpoint:
         self.headers = _JSON_HEADERS + (extra_headers or [])
         # No limit configured: not even the call, the check is the hot path.
         self.limits = limits if limits is not None and limits.limits_checks else None
+        #: (key, raw query) -> (cache generation, reuse until, answer): see `cached_outcome`.
+        self.answers: dict[tuple[str | None, bytes | str], tuple[int, float, Answer]] = {}
         self.tally = cache.tally
         #: The same headers as RSGI wants them.
         self.text_headers = [(name.decode(), value.decode()) for name, value in self.headers]
 
-    async def respond(
-        self, api_key: str | None, query: dict[str, str]
-    ) -> tuple[int, bytes, bool, str | None]:
-        return await answer(
-            self.cache,
+    def request(self, api_key: str | None, query: dict[str, str]) -> CheckRequest:
+        """What this check's query parameters ask."""
+        return CheckRequest(
             api_key=api_key,
-            channel=query.get("channel"),
+            channel=query.get("channel") or DEFAULT_CHANNEL,
             version=query.get("version"),
+            version_error="invalid_version",
             app_version=query.get("app_version"),
             platform=query.get("platform"),
             device_id=query.get("device_id"),
         )
 
-    async def outcome(
-        self, api_key: str | None, address: Callable[[], str], raw_query: bytes | str
-    ) -> tuple[int, bytes, bool, str | None, int | None]:
-        """Status, body, cache hit, error code and the 429's `Retry-After` (or None), for
-        both interfaces. `address` gives the client's, read only when a limit applies."""
-        # Before anything else, so a flood of invented keys never reaches the database.
+    def render(self, found: Resolved) -> bytes:
+        return self.cache.answer_for(found.state, found.current, found.device)
+
+    def _finish(
+        self, found: Resolved | tuple[int, bytes, bool, str]
+    ) -> tuple[int, bytes, bool, str | None]:
+        if isinstance(found, tuple):
+            return found
+        return 200, self.render(found), found.hit, None
+
+    async def respond(
+        self, api_key: str | None, query: dict[str, str]
+    ) -> tuple[int, bytes, bool, str | None]:
+        return self._finish(await resolve(self.cache, self.request(api_key, query)))
+
+    def _limited(self, api_key: str | None, address: Callable[[], str]) -> Outcome | None:
         if self.limits is not None:
             retry_after = self.limits.check(api_key, address())
             if retry_after is not None:
                 return 429, _RATE_LIMITED, True, "rate_limited", retry_after
+        return None
+
+    async def outcome(
+        self, api_key: str | None, address: Callable[[], str], raw_query: bytes | str
+    ) -> Outcome:
+        """Status, body, cache hit, error code and the 429's `Retry-After` (or None), for
+        every interface. `address` gives the client's, read only when a limit applies."""
+        cached = self.cached_outcome(api_key, address, raw_query)
+        if cached is not None:
+            return cached
+        # Before any database work, so a flood of invented keys never reaches the database.
+        limited = self._limited(api_key, address)
+        if limited is not None:
+            return limited
         try:
             status, body, hit, error = await self.respond(api_key, parse_query(raw_query))
         except Exception:
             # A cold entry and a database that is down: the one case with no answer to give.
             return 503, _UNAVAILABLE, False, "database_unavailable", None
+        return status, body, hit, error, None
+
+    def cached_outcome(
+        self, api_key: str | None, address: Callable[[], str], raw_query: bytes | str
+    ) -> Outcome | None:
+        """`outcome` when the cache holds all it needs, with no await; None (and no token of
+        the rate limit taken) when it does not, and `outcome` must answer.
+
+        Devices of one app ask the same few questions (key, channel, version), so the finished
+        answer to an identical request is reused for up to a second while nothing changed.
+        """
+        cache = self.cache
+        now = time.monotonic()
+        memo_key = (api_key, raw_query)
+        reused = self.answers.get(memo_key)
+        if reused is not None and reused[0] == cache.generation and now < reused[1]:
+            answer = reused[2]
+        else:
+            found = resolve_cached(cache, self.request(api_key, parse_query(raw_query)))
+            if isinstance(found, Miss):
+                return None
+            answer = self._finish(found)
+            if len(raw_query) + len(api_key or "") <= _MAX_REUSED_REQUEST:
+                if len(self.answers) >= _MAX_REUSED:
+                    self.answers.clear()
+                self.answers[memo_key] = (cache.generation, now + ANSWER_REUSE_SECONDS, answer)
+        limited = self._limited(api_key, address)
+        if limited is not None:
+            return limited
+        status, body, hit, error = answer
         return status, body, hit, error, None
 
     async def __call__(self, scope: Scope, send: Send) -> None:

@@ -21,6 +21,8 @@ from koolbase_ota.ratelimit import RateLimits
 from koolbase_ota.sdk.cache import CODE_PUSH_ROUTE, CheckCache
 from koolbase_ota.sdk.check import (
     CheckEndpoint,
+    CheckRequest,
+    Resolved,
     api_key_header,
     no_store_json,
     rate_limited,
@@ -45,6 +47,23 @@ async def answer(
     """Status, JSON body, whether the cache had it all, and the error code if one."""
     found = await resolve(
         cache,
+        _request(api_key, channel, current_bundle, app_version, platform, device_id),
+    )
+    if isinstance(found, tuple):
+        return found
+    body = cache.code_push_answer_for(found.state, found.current, found.device)
+    return 200, body, found.hit, None
+
+
+def _request(
+    api_key: str | None,
+    channel: str | None,
+    current_bundle: str | None,
+    app_version: str | None,
+    platform: str | None,
+    device_id: str | None,
+) -> CheckRequest:
+    return CheckRequest(
         api_key=api_key,
         channel=channel or DEFAULT_CHANNEL,
         version=current_bundle or None,
@@ -53,10 +72,6 @@ async def answer(
         platform=platform,
         device_id=device_id,
     )
-    if isinstance(found, tuple):
-        return found
-    body = cache.code_push_answer_for(found.state, found.current, found.device)
-    return 200, body, found.hit, None
 
 
 def is_code_push(scope: Scope) -> bool:
@@ -68,6 +83,8 @@ def is_code_push(scope: Scope) -> bool:
 class CodePushEndpoint(CheckEndpoint):
     """Answers a GET of CODE_PUSH_PATH without the framework."""
 
+    path = CODE_PUSH_PATH
+
     def __init__(
         self,
         cache: CheckCache,
@@ -77,18 +94,18 @@ class CodePushEndpoint(CheckEndpoint):
         super().__init__(cache, extra_headers, limits)
         self.tally = cache.code_push_tally
 
-    async def respond(
-        self, api_key: str | None, query: dict[str, str]
-    ) -> tuple[int, bytes, bool, str | None]:
-        return await answer(
-            self.cache,
-            api_key=api_key,
-            channel=query.get("channel"),
-            current_bundle=query.get("current_bundle"),
-            app_version=query.get("app_version"),
-            platform=query.get("platform"),
-            device_id=query.get("device_id"),
+    def request(self, api_key: str | None, query: dict[str, str]) -> CheckRequest:
+        return _request(
+            api_key,
+            query.get("channel"),
+            query.get("current_bundle"),
+            query.get("app_version"),
+            query.get("platform"),
+            query.get("device_id"),
         )
+
+    def render(self, found: Resolved) -> bytes:
+        return self.cache.code_push_answer_for(found.state, found.current, found.device)
 
 
 # The documented route: same answers, for OpenAPI and any request the endpoint passes on.

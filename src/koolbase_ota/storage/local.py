@@ -22,15 +22,20 @@ class LocalStore:
 
     def __init__(self, root: Path, *, public_url: str, secret_key: str) -> None:
         self.root = root.resolve()
+        self._inside = str(self.root) + os.sep
         self.public_url = public_url.rstrip("/")
         self.secret_key = secret_key
 
     def path_for(self, key: str) -> Path:
-        """The file for `key`; keys are our own `ota/...` paths, never user input."""
-        path = (self.root / key).resolve()
-        if not path.is_relative_to(self.root) or path == self.root:
+        """The file for `key`; keys are our own `ota/...` paths, never user input.
+
+        Lexical, with no system call (it runs on every download): `..` and absolute keys
+        cannot leave the root, which was itself resolved once.
+        """
+        path = os.path.normpath(os.path.join(self._inside, key))
+        if not path.startswith(self._inside):
             raise ObjectNotFound("object not found")
-        return path
+        return Path(path)
 
     async def put_file(self, key: str, source: Path) -> None:
         await anyio.to_thread.run_sync(self._put_file, key, source)

@@ -1,0 +1,467 @@
+"""The HTTP/1.1 server `koolbase-ota serve` runs: uvicorn's httptools protocol, with our hot paths.
+
+uvicorn hands every request to the ASGI app as a task with a scope and messages. That costs
+more than the whole of a warm check, which needs no I/O. `OTAHttpProtocol` changes three things:
+
+- **Warm checks are answered inside the parser's callbacks**, with no task, scope or message:
+  the seed check and the code-push check, when the cache holds all they need (a cold entry
+  goes through the app as any other request, and its database read happens there).
+- **Files go out with sendfile(2)**: the app gets ASGI's `http.response.pathsend` and
+  `http.response.zerocopysend` extensions, and the server sends the file, or one range of it,
+  without the bytes passing through Python (on the standard asyncio loop, which `serve` uses
+  for this; other loops fall back to reading the file in chunks).
+- **Request heads are bounded**: at most `MAX_HEADERS` headers and `MAX_HEAD_BYTES` bytes
+  (else 431), read within the header timeout (else the connection is closed: slowloris), and a
+  malformed request gets our JSON error instead of uvicorn's plain text.
+
+Everything else (routing, bodies, keep-alive, pipelining, graceful shutdown, workers) is
+uvicorn's. The in-process test servers run this protocol too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+from typing import Any, BinaryIO
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+
+from koolbase_ota.sdk.check import CheckEndpoint
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("koolbase_ota.access")
+
+#: A request head (request line and headers) larger than this, or with more headers, is a 431.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 100
+#: Idle keep-alive connections are closed after this long: longer than the usual load
+#: balancer idle timeout (60 s), so the balancer, not us, closes first (no 502 on reuse).
+KEEP_ALIVE_SECONDS = 75
+
+_SENDFILE_EXTENSIONS: dict[str, dict[str, Any]] = {
+    "http.response.pathsend": {},
+    "http.response.zerocopysend": {},
+}
+_CHUNK = 256 * 1024
+
+
+def _error_response(status: int, message: str, code: str) -> bytes:
+    body = json.dumps({"error": message, "code": code}).encode()
+    return b"".join(
+        [
+            STATUS_LINE[status],
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+            body,
+        ]
+    )
+
+
+_BAD_REQUEST = _error_response(400, "malformed HTTP request", "bad_request")
+_HEAD_TOO_LARGE = _error_response(
+    431,
+    f"request headers too large (at most {MAX_HEADERS} headers, {MAX_HEAD_BYTES} bytes)",
+    "headers_too_large",
+)
+
+
+#: Status line and fixed headers of the checks' answers, by (status, endpoint); rebuilt when
+#: uvicorn renews its default headers (the date, once a second).
+_heads: dict[tuple[int, int], bytes] = {}
+_heads_for: list[list[tuple[bytes, bytes]]] = [[]]
+
+
+def _head(status: int, endpoint: CheckEndpoint, defaults: list[tuple[bytes, bytes]]) -> bytes:
+    if _heads_for[0] is not defaults:
+        _heads.clear()
+        _heads_for[0] = defaults
+    key = (status, id(endpoint))
+    head = _heads.get(key)
+    if head is None:
+        parts = [STATUS_LINE[status]]
+        for name, value in [*defaults, *endpoint.headers]:
+            parts += [name, b": ", value, b"\r\n"]
+        head = _heads[key] = b"".join(parts)
+    return head
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback to stop parsing a request head past its bounds."""
+
+
+class OTAHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with warm checks answered inline and files sent by sendfile.
+
+    The checks and the settings are found on the loaded app (`koolbase_ota.app.OTAApp`).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        app = self.app
+        settings = app.state.context.settings
+        self.header_timeout: float = settings.header_timeout_seconds
+        #: Our access log (uvicorn's is off: it would log query strings).
+        self.access_log = settings.access_log
+        endpoints = (getattr(app, "check_endpoint", None), getattr(app, "code_push_endpoint", None))
+        #: The checks' endpoints by raw request path.
+        self.checks: dict[bytes, CheckEndpoint] = {
+            endpoint.path.encode(): endpoint
+            for endpoint in endpoints
+            if isinstance(endpoint, CheckEndpoint)
+        }
+        #: The answer to write once the current request's message is complete.
+        self.fast_answer: bytes | None = None
+        self.api_key: bytes | None = None
+        #: Bytes and headers of the request head read so far; None once the head is complete.
+        self.head_bytes: int | None = 0
+        self.head_headers = 0
+        self.head_timer: asyncio.TimerHandle | None = None
+        #: When the client last sent something (loop time), and the one idle timer that checks
+        #: it: cheaper than uvicorn's timer re-armed after every response.
+        self.last_seen = 0.0
+        self.idle_timer: asyncio.TimerHandle | None = None
+
+    # Connection
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # asyncio sets this only on sockets it created itself; a worker's inherited
+            # listening socket gives accepted sockets without it, and a response in two
+            # writes would then wait for the client's delayed ACK (40 ms).
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._arm_head_timer()
+        self.last_seen = self.loop.time()
+        self.idle_timer = self.loop.call_later(self.timeout_keep_alive, self._idle_check)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        super().connection_lost(exc)
+
+    def _idle_check(self) -> None:
+        """Closes a connection idle for the keep-alive timeout with no request in flight."""
+        self.idle_timer = None
+        if self.transport.is_closing():
+            return
+        idle = self.loop.time() - self.last_seen
+        # A request in flight, or one whose head is arriving (the header timeout's case).
+        busy = (
+            (self.cycle is not None and not self.cycle.response_complete)
+            or self.fast_answer is not None
+            or bool(self.head_bytes)
+        )
+        if idle >= self.timeout_keep_alive and not busy:
+            self.transport.close()
+            return
+        wait = self.timeout_keep_alive - idle if idle < self.timeout_keep_alive else 1.0
+        self.idle_timer = self.loop.call_later(wait, self._idle_check)
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        self.last_seen = self.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except _HeadTooLarge:
+            self._refuse(_HEAD_TOO_LARGE)
+            return
+        except Exception as exc:
+            # httptools raises its parser errors, and wraps a callback's exception in one.
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self._refuse(_HEAD_TOO_LARGE)
+                return
+            if type(exc).__name__ == "HttpParserUpgrade":
+                return  # no WebSocket routes here: the request goes on as plain HTTP
+            logger.info("malformed HTTP request: %s", type(exc).__name__)
+            self._refuse(_BAD_REQUEST)
+            return
+        if self.head_bytes is not None:
+            # Still inside a request head after this read: count it, and start the clock.
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._refuse(_HEAD_TOO_LARGE)
+                return
+            self._arm_head_timer()
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(_BAD_REQUEST)
+
+    def _refuse(self, answer: bytes) -> None:
+        self._cancel_head_timer()
+        if not self.transport.is_closing():
+            self.transport.write(answer)
+            self.transport.close()
+
+    def _arm_head_timer(self) -> None:
+        if self.head_timer is None:
+            self.head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self.head_timer = None
+        if self.head_bytes is not None and not self.transport.is_closing():
+            # No request head completed in time: a client that never finishes (slowloris).
+            self.transport.close()
+
+    # Parser callbacks
+
+    def on_message_begin(self) -> None:
+        # uvicorn's, less the scope: a warm check never needs one (see `on_headers_complete`).
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+        #: The last x-api-key header's value, as the ASGI endpoint reads it.
+        self.api_key = None
+        self.fast_answer = None
+        self.head_bytes = 0
+        self.head_headers = 0
+
+    def _new_scope(self) -> None:
+        """The scope uvicorn's `on_message_begin` would have made."""
+        self.scope = {  # type: ignore[typeddict-item]
+            "type": "http",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,  # type: ignore[typeddict-item]
+            "root_path": self.root_path,
+            "headers": self.headers,
+            "state": self.app_state.copy(),
+        }
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > MAX_HEAD_BYTES:
+            raise _HeadTooLarge
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # uvicorn's, inline (this runs for every header of every request), with our bounds.
+        self.head_headers += 1
+        if self.head_headers > MAX_HEADERS or len(name) + len(value) > MAX_HEAD_BYTES:
+            raise _HeadTooLarge
+        name = name.lower()
+        if name == b"x-api-key":
+            self.api_key = value
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.head_bytes = None
+        self._cancel_head_timer()
+        if (
+            self.checks
+            and (self.cycle is None or self.cycle.response_complete)
+            and not self.pipeline
+            and self.parser.get_method() == b"GET"
+        ):
+            path, _, query = self.url.partition(b"?")
+            endpoint = self.checks.get(path)
+            if endpoint is not None:
+                self.fast_answer = self._check(endpoint, query)
+                if self.fast_answer is not None:
+                    return
+        self._new_scope()
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self.fast_answer is None:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        answer = self.fast_answer
+        if answer is None:
+            super().on_message_complete()
+            return
+        self.fast_answer = None
+        self.transport.write(answer)
+        self.server_state.total_requests += 1
+        if not self.parser.should_keep_alive():
+            self.transport.close()
+
+    # The warm check
+
+    def _check(self, endpoint: CheckEndpoint, query: bytes) -> bytes | None:
+        """The whole response to a check the cache can answer, or None to leave it to the app."""
+        started = time.perf_counter()
+        api_key = None if self.api_key is None else self.api_key.decode("latin-1")
+        limits = endpoint.limits
+        outcome = endpoint.cached_outcome(
+            api_key,
+            lambda: limits.client_address(self._scope_for_limits()) if limits else "",
+            query,
+        )
+        if outcome is None:
+            return None
+        status, body, hit, error, retry_after = outcome
+        parts = [_head(status, endpoint, self.server_state.default_headers)]
+        if retry_after is not None:
+            parts.append(b"retry-after: %d\r\n" % retry_after)
+        parts.append(b"content-length: %d\r\n" % len(body))
+        if not self.parser.should_keep_alive():
+            parts.append(b"connection: close\r\n")
+        parts += [b"\r\n", body]
+        elapsed = time.perf_counter() - started
+        endpoint.tally.record(status, elapsed, hit=hit, error=error)
+        if self.access_log:
+            path = self.url.partition(b"?")[0].decode("latin-1")
+            self._log_access("GET", path, self.parser.get_http_version(), status, elapsed)
+        return b"".join(parts)
+
+    def _scope_for_limits(self) -> Scope:
+        return {"client": self.client, "headers": self.headers}
+
+    def _log_access(
+        self, method: str, path: str, http_version: str, status: int, seconds: float
+    ) -> None:
+        # Never the query string: download URLs carry their signature there.
+        access_logger.info(
+            '%s "%s %s HTTP/%s" %d %.3fms',
+            self.client[0] if self.client else "-",
+            method,
+            path,
+            http_version,
+            status,
+            seconds * 1000,
+        )
+
+    # Everything else: the app, with files sent by the server
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        extensions: dict[str, Any] = dict(cycle.scope.get("extensions") or {})
+        extensions.update(_SENDFILE_EXTENSIONS)
+        cycle.scope["extensions"] = extensions
+        with_files: Any = _FileSending(app, cycle, self)
+        super()._start_asgi_task(cycle, with_files)
+
+
+class _FileSending:
+    """The app, with `pathsend` and `zerocopysend` messages sent by the server (and the access
+    log line written once the response is complete)."""
+
+    def __init__(self, app: ASGIApp, cycle: RequestResponseCycle, protocol: OTAHttpProtocol):
+        self.app = app
+        self.cycle = cycle
+        self.protocol = protocol
+        self.status = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        logged = False
+
+        def log() -> None:
+            # Before the response's last bytes go out: once a client has its answer, the
+            # line is already written.
+            nonlocal logged
+            if self.protocol.access_log and self.status and not logged:
+                logged = True
+                self.protocol._log_access(
+                    scope["method"],
+                    scope["raw_path"].decode("latin-1"),
+                    scope["http_version"],
+                    self.status,
+                    time.perf_counter() - started,
+                )
+
+        async def send_files(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start":
+                self.status = message["status"]
+                await send(message)
+            elif kind == "http.response.pathsend":
+                log()
+                with open(message["path"], "rb") as file:
+                    await self._send_file(send, file, 0, None, more_body=False)
+            elif kind == "http.response.zerocopysend":
+                more_body = message.get("more_body", False)
+                if not more_body:
+                    log()
+                await self._send_file(
+                    send,
+                    message["file"],
+                    message.get("offset"),
+                    message.get("count"),
+                    more_body=more_body,
+                )
+            else:
+                if kind == "http.response.body" and not message.get("more_body", False):
+                    log()
+                await send(message)
+
+        try:
+            await self.app(scope, receive, send_files)
+        finally:
+            log()
+
+    async def _send_file(
+        self, send: Send, file: BinaryIO, offset: int | None, count: int | None, *, more_body: bool
+    ) -> None:
+        cycle = self.cycle
+        if not cycle.response_started or cycle.response_complete:
+            raise RuntimeError("a file can only be sent within a started response")
+        if cycle.scope["method"] != "HEAD" and not cycle.disconnected:
+            if cycle.chunked_encoding:
+                await self._send_in_chunks(send, file, offset or 0, count)
+            else:
+                if cycle.flow.write_paused:
+                    await cycle.flow.drain()
+                try:
+                    sent = await self.protocol.loop.sendfile(
+                        cycle.transport, file, offset or 0, count
+                    )
+                except (ConnectionError, OSError, RuntimeError):
+                    # The client went away (or the transport closed) mid-file.
+                    cycle.disconnected = True
+                    cycle.transport.close()
+                    return
+                cycle.expected_content_length -= sent
+        await send({"type": "http.response.body", "body": b"", "more_body": more_body})
+
+    async def _send_in_chunks(
+        self, send: Send, file: BinaryIO, offset: int, count: int | None
+    ) -> None:
+        file.seek(offset)
+        left = count
+        while left is None or left > 0:
+            size = _CHUNK if left is None else min(_CHUNK, left)
+            chunk = await asyncio.to_thread(file.read, size)
+            if not chunk:
+                return
+            if left is not None:
+                left -= len(chunk)
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+
+def uvicorn_options() -> dict[str, Any]:
+    """What `serve` and the test servers pass to uvicorn alike."""
+    return {
+        "http": OTAHttpProtocol,
+        # The standard loop: its transports can sendfile(2); uvloop's cannot.
+        "loop": "asyncio",
+        "lifespan": "on",
+        # The app alone decides on X-Forwarded-For (KOOLBASE_OTA_TRUSTED_PROXIES).
+        "proxy_headers": False,
+        "server_header": False,
+        "access_log": False,
+        "timeout_keep_alive": KEEP_ALIVE_SECONDS,
+        "ws": "none",
+    }

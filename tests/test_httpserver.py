@@ -1,0 +1,341 @@
+"""The HTTP server `serve` runs (`koolbase_ota.httpserver`), on real sockets.
+
+Warm checks are answered inside the parser's callbacks, a cold one goes through the app, and
+files go out with sendfile(2); each must answer exactly what the app would, and keep HTTP/1.1
+(keep-alive, pipelining, bodies, bounds) intact around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from koolbase_ota.httpserver import MAX_HEADERS
+from koolbase_ota.sdk.check import CHECK_PATH
+from tests.api.test_upload import host_port
+from tests.conftest import Project, RunningServer, make_zip, new_project, start_server
+from tests.test_hostile_requests import Answer, read_answer, send
+
+#: The check's path with one letter percent-encoded: the same endpoint, but not the raw path
+#: the fast path matches, so the app (its ASGI endpoint) answers it.
+CHECK_THROUGH_APP = CHECK_PATH.replace("check", "%63heck")
+IDLE_SECONDS = 1
+
+
+@pytest.fixture(scope="module")
+def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    running = start_server(
+        tmp_path_factory.mktemp("httpserver"),
+        uvicorn_overrides={"timeout_keep_alive": IDLE_SECONDS},
+        check_rate_per_address=0,
+    )
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def released_project(http_server: RunningServer) -> tuple[Project, dict[str, Any]]:
+    """A project with an active 300 KiB bundle on production; its SDK check's answer."""
+    project = new_project(http_server.db)
+    bundle = make_zip({"data.bin": os.urandom(300 * 1024)})  # incompressible
+    with httpx.Client(base_url=http_server.base_url, timeout=30) as client:
+        uploaded = client.post(
+            project.path("/upload"),
+            headers={"Authorization": f"Bearer {project.token}"},
+            files={"bundle": ("b.zip", bundle, "application/zip")},
+        )
+        assert uploaded.status_code == 201, uploaded.text
+        activated = client.post(
+            project.path(f"/bundles/{uploaded.json()['id']}/activate"),
+            headers={"Authorization": f"Bearer {project.token}"},
+        )
+        assert activated.status_code == 200, activated.text
+        offer = client.get(CHECK_PATH, headers={"x-api-key": project.keys["production"]})
+    assert offer.json()["has_update"] is True
+    return project, offer.json()
+
+
+def request(path: str, *, key: str | None = None, extra: str = "", version: str = "1.1") -> bytes:
+    lines = [f"GET {path} HTTP/{version}", "Host: 127.0.0.1"]
+    if key is not None:
+        lines.append(f"x-api-key: {key}")
+    return ("\r\n".join(lines) + "\r\n" + extra + "\r\n").encode()
+
+
+def connect(server: RunningServer) -> socket.socket:
+    return socket.create_connection(host_port(server), timeout=10)
+
+
+def read_answers(sock: socket.socket, count: int) -> list[Answer]:
+    """`count` answers in a row off one connection (pipelined: nothing read past is lost)."""
+    data = b""
+    answers: list[Answer] = []
+    while len(answers) < count:
+        head_end = data.find(b"\r\n\r\n")
+        if head_end < 0:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {len(answers)} answers"
+            data += chunk
+            continue
+        status_line, *lines = data[:head_end].decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        end = head_end + 4 + int(headers.get("content-length", "0"))
+        while len(data) < end:
+            data += sock.recv(65536)
+        answers.append(Answer(int(status_line.split()[1]), headers, data[head_end + 4 : end]))
+        data = data[end:]
+    return answers
+
+
+def without_date(answer: Answer) -> dict[str, str]:
+    return {name: value for name, value in answer.headers.items() if name != "date"}
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "",
+        "?channel=production&version=0",
+        "?channel=production&version=999",
+        "?channel=staging",
+        "?version=abc",
+        "?channel=nope",
+        "?channel=production&app_version=1.2&platform=ios&device_id=d-1",
+    ],
+)
+def test_a_warm_check_answers_as_the_app_does(
+    http_server: RunningServer, released_project: tuple[Project, dict[str, Any]], query: str
+) -> None:
+    project, _offer = released_project
+    key = project.keys["production"]
+    with connect(http_server) as sock:
+        for _ in range(2):  # the first may be cold; the second is answered from the cache
+            send(sock, request(CHECK_PATH + query, key=key))
+            fast = read_answer(sock)
+        send(sock, request(CHECK_THROUGH_APP + query, key=key))
+        through_app = read_answer(sock)
+    assert fast.status == through_app.status
+    assert fast.body == through_app.body
+    assert without_date(fast) == without_date(through_app)
+    assert "date" in fast.headers
+
+
+@pytest.mark.parametrize(
+    "key", ["pk_live_000000000000000000000000", None], ids=["unknown-key", "no-key"]
+)
+def test_a_refused_check_answers_as_the_app_does(
+    http_server: RunningServer, key: str | None
+) -> None:
+    with connect(http_server) as sock:
+        answers: list[Answer] = []
+        for path in (CHECK_PATH, CHECK_PATH, CHECK_THROUGH_APP):
+            send(sock, request(path, key=key))
+            answers.append(read_answer(sock))
+    assert {answer.status for answer in answers} == {401}
+    assert len({answer.body for answer in answers}) == 1
+
+
+def test_pipelined_requests_are_answered_in_order(
+    http_server: RunningServer, released_project: tuple[Project, dict[str, Any]]
+) -> None:
+    project, offer = released_project
+    key = project.keys["production"]
+    burst = (
+        request(CHECK_PATH, key=key)
+        + request("/healthz")
+        + request(CHECK_PATH + "?channel=staging", key=key)
+        + request(offer["download_url"].removeprefix(http_server.base_url))
+        + request(CHECK_PATH, key=key)
+    )
+    with connect(http_server) as sock:
+        send(sock, burst)
+        answers = read_answers(sock, 5)
+    assert [answer.status for answer in answers] == [200] * 5
+    assert answers[0].body == answers[4].body
+    assert b'"has_update":true' in answers[0].body
+    assert answers[1].body == b'{"status":"ok"}'
+    assert answers[2].body == b'{"has_update":false}'
+    assert answers[3].headers["content-type"] == "application/zip"
+    assert len(answers[3].body) == int(answers[3].headers["content-length"])
+
+
+def test_a_check_with_a_body_keeps_the_connection_in_step(
+    http_server: RunningServer, released_project: tuple[Project, dict[str, Any]]
+) -> None:
+    project, _offer = released_project
+    key = project.keys["production"]
+    with connect(http_server) as sock:
+        send(sock, request(CHECK_PATH, key=key))
+        warm = read_answer(sock)
+        send(sock, request(CHECK_PATH, key=key, extra="Content-Length: 5\r\n") + b"hello")
+        with_body = read_answer(sock)
+        send(sock, request(CHECK_PATH + "?channel=staging", key=key))
+        after = read_answer(sock)
+    assert with_body.body == warm.body
+    assert after.body == b'{"has_update":false}'
+
+
+@pytest.mark.parametrize(
+    ("version", "extra"),
+    [("1.0", ""), ("1.1", "Connection: close\r\n")],
+    ids=["http-1.0", "connection-close"],
+)
+def test_a_check_that_asks_to_close_is_answered_then_closed(
+    http_server: RunningServer,
+    released_project: tuple[Project, dict[str, Any]],
+    version: str,
+    extra: str,
+) -> None:
+    project, _offer = released_project
+    key = project.keys["production"]
+    with connect(http_server) as sock:
+        send(sock, request(CHECK_PATH, key=key))  # warm the cache on a kept connection
+        read_answer(sock)
+    with connect(http_server) as sock:
+        send(sock, request(CHECK_PATH, key=key, version=version, extra=extra))
+        answer = read_answer(sock)
+        assert answer.status == 200
+        assert sock.recv(1) == b""  # closed by the server
+
+
+def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(
+    http_server: RunningServer, released_project: tuple[Project, dict[str, Any]]
+) -> None:
+    project, _offer = released_project
+    with connect(http_server) as sock:
+        send(sock, request(CHECK_PATH, key=project.keys["production"]))
+        assert read_answer(sock).status == 200
+        started = time.monotonic()
+        assert sock.recv(1) == b""
+        assert time.monotonic() - started < IDLE_SECONDS + 5
+    with connect(http_server) as sock:  # and one that never sent a byte
+        assert sock.recv(1) == b""
+
+
+def test_a_malformed_request_gets_a_json_400(http_server: RunningServer) -> None:
+    with connect(http_server) as sock:
+        send(sock, b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n")
+        answer = read_answer(sock)
+    assert answer.status == 400
+    assert answer.json()["code"] == "bad_request"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"".join(b"X-Header-%d: v\r\n" % number for number in range(MAX_HEADERS + 1)),
+        b"X-Huge: " + b"a" * (128 * 1024) + b"\r\n",
+    ],
+    ids=["too-many", "too-large"],
+)
+def test_a_request_head_past_its_bounds_is_431(
+    http_server: RunningServer, released_project: tuple[Project, dict[str, Any]], head: bytes
+) -> None:
+    project, _offer = released_project
+    with connect(http_server) as sock:
+        send(sock, request(CHECK_PATH, key=project.keys["production"], extra=head.decode()))
+        answer = read_answer(sock)
+    assert answer.status == 431
+    assert answer.json()["code"] == "headers_too_large"
+
+
+def test_downloads_are_the_stored_bytes_whole_ranged_and_headless(
+    http_server: RunningServer, released_project: tuple[Project, dict[str, Any]]
+) -> None:
+    _project, offer = released_project
+    stored = httpx.get(offer["download_url"], timeout=30)
+    assert stored.status_code == 200
+    body = stored.content
+    assert len(body) == offer["file_size"]
+    assert stored.headers["accept-ranges"] == "bytes"
+    ranged = httpx.get(offer["download_url"], headers={"Range": "bytes=1000-2999"}, timeout=30)
+    assert ranged.status_code == 206
+    assert ranged.content == body[1000:3000]
+    assert ranged.headers["content-range"] == f"bytes 1000-2999/{len(body)}"
+    tail = httpx.get(offer["download_url"], headers={"Range": "bytes=-10"}, timeout=30)
+    assert tail.content == body[-10:]
+    head = httpx.head(offer["download_url"], timeout=30)
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-length"] == str(len(body))
+
+
+def test_a_client_that_leaves_mid_download_does_not_disturb_others(
+    http_server: RunningServer, released_project: tuple[Project, dict[str, Any]]
+) -> None:
+    project, offer = released_project
+    path = offer["download_url"].removeprefix(http_server.base_url)
+    for _ in range(5):
+        sock = connect(http_server)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        send(sock, request(path))
+        sock.recv(100)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()  # a reset mid-file
+    check = httpx.get(
+        http_server.base_url + CHECK_PATH, headers={"x-api-key": project.keys["production"]}
+    )
+    assert check.status_code == 200
+    assert (
+        httpx.get(offer["download_url"], timeout=30).content
+        == httpx.get(offer["download_url"], timeout=30).content
+    )
+
+
+def test_serve_runs_this_protocol_by_default(tmp_path: Path) -> None:
+    from tests.test_e2e import serving
+
+    with serving(tmp_path / "data", "protocol") as real:
+        key = real.credentials()["public_keys"]["production"]
+        answer = httpx.get(real.base_url + CHECK_PATH, headers={"x-api-key": key})
+        log = real.log()
+    assert answer.json() == {"has_update": False}
+    assert "Uvicorn running" in log
+
+
+class Collected(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_the_access_log_has_every_request_without_its_query(tmp_path: Path) -> None:
+    # A handler on the logger itself: `serve`'s logging set-up (run by other tests in this
+    # process) stops its records from propagating to pytest's capture.
+    access = logging.getLogger("koolbase_ota.access")
+    collected = Collected()
+    access.addHandler(collected)
+    level = access.level
+    access.setLevel(logging.INFO)
+    running = start_server(tmp_path / "data", access_log=True, check_rate_per_address=0)
+    try:
+        project = new_project(running.db)
+        key = project.keys["production"]
+        with httpx.Client(base_url=running.base_url) as client:
+            for _ in range(3):  # cold (through the app), then warm (the fast path)
+                check = client.get(CHECK_PATH + "?secret=s3cr3t", headers={"x-api-key": key})
+                assert check.status_code == 200
+            assert client.get("/healthz").status_code == 200
+    finally:
+        running.stop()
+        access.removeHandler(collected)
+        access.setLevel(level)
+    lines = collected.lines
+    assert len(lines) == 4, lines
+    assert all(f'"GET {CHECK_PATH} HTTP/1.1" 200' in line for line in lines[:3]), lines
+    assert '"GET /healthz HTTP/1.1" 200' in lines[3]
+    assert not any("s3cr3t" in line for line in lines)
