@@ -737,3 +737,26 @@ def test_the_bad_zip_builders_make_real_zips(client: httpx.Client, project: Proj
     assert body.status_code == 201, body.text
     with zipfile.ZipFile(io.BytesIO(named_zip("x"))) as archive:
         assert archive.testzip() is None
+
+
+def test_the_upload_is_parsed_hashed_and_written_off_the_event_loop(
+    server: RunningServer, client: httpx.Client, project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bundle's bytes are handled in a worker thread: the event loop (and every check it
+    serves) is never held up by an upload's hashing, writing or fsync."""
+    from koolbase_ota.bundles import multipart
+
+    threads: set[int] = set()
+    original = multipart._FormReader.on_part_data
+
+    def on_part_data(self: Any, data: bytes, start: int, end: int) -> None:
+        threads.add(threading.get_ident())
+        original(self, data, start, end)
+
+    monkeypatch.setattr(multipart._FormReader, "on_part_data", on_part_data)
+    loop_thread = server._thread.ident
+    assert (
+        upload(client, project, make_zip({"a.bin": os.urandom(3 * 1024 * 1024)})).status_code == 201
+    )
+    assert threads
+    assert loop_thread not in threads

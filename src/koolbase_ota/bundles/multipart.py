@@ -7,6 +7,7 @@ many fields, how long each), and so is how long the client may leave the body wa
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -15,7 +16,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import anyio
 from python_multipart.exceptions import MultipartParseError
@@ -221,6 +222,18 @@ async def read_upload_form(
     reader = _FormReader(max_bundle_bytes=max_bundle_bytes, tmp_dir=tmp_dir, staged=staged)
     parser = MultipartParser(boundary, reader.callbacks())  # type: ignore[arg-type]
     max_body_bytes = max_bundle_bytes + FORM_OVERHEAD_BYTES
+    loop = asyncio.get_running_loop()
+    # Parsing, hashing and writing run in a worker thread, one batch at a time, while the
+    # event loop receives the next batch: checks are never stalled behind an upload, and the
+    # network and the disk work side by side.
+    writing: asyncio.Future[Any] | None = None
+
+    async def feed(data: bytes) -> None:
+        nonlocal writing
+        if writing is not None:
+            await writing  # the parser's error, if any, is raised here
+        writing = loop.run_in_executor(None, parser.write, data)
+
     try:
         # The server hands the body over in small pieces; the parser's cost is per call, so
         # feed it up to a megabyte at a time, and never much past the size limit.
@@ -238,22 +251,38 @@ async def read_upload_form(
                 pending.append(chunk)
                 pending_bytes += len(chunk)
                 if pending_bytes >= feed_bytes:
-                    parser.write(b"".join(pending))
+                    await feed(b"".join(pending))
                     pending, pending_bytes = [], 0
+                    if body_bytes > max_bundle_bytes - feed_bytes and writing is not None:
+                        # Near the size limit the parser may refuse this very batch: answer
+                        # now, not after a next batch that a refused client may never send.
+                        await writing
         if pending_bytes:
-            parser.write(b"".join(pending))
-        parser.finalize()
+            await feed(b"".join(pending))
+        if writing is not None:
+            await writing
+        # The last part's end flushes and fsyncs the bundle: in the thread too.
+        await loop.run_in_executor(None, parser.finalize)
         if not reader.finished:
             raise InvalidInput("the multipart body ended early", code="invalid_multipart")
     except MultipartParseError as exc:
+        await _settled(writing)
         reader.close()
         staged.discard()
         raise InvalidInput(f"malformed multipart body: {exc}", code="invalid_multipart") from exc
     except BaseException:
+        await _settled(writing)
         reader.close()
         staged.discard()
         raise
     return staged
+
+
+async def _settled(job: asyncio.Future[Any] | None) -> None:
+    """Waits for a batch still being written, so the file is not closed under it."""
+    if job is not None and not job.done():
+        with contextlib.suppress(BaseException):
+            await asyncio.wait([job])
 
 
 async def _time_bounded(
