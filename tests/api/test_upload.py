@@ -760,3 +760,44 @@ def test_the_upload_is_parsed_hashed_and_written_off_the_event_loop(
     )
     assert threads
     assert loop_thread not in threads
+
+
+@pytest.mark.parametrize("durable", [True, False], ids=["local-store", "copying-store"])
+def test_the_spooled_bundle_is_fsynced_only_for_a_store_that_keeps_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool
+) -> None:
+    """The local store hard-links the spooled file into place, so it must be on disk; S3
+    copies it away and the spool is deleted, so an fsync there is only lost time."""
+    import asyncio
+
+    from koolbase_ota.bundles import multipart as form
+
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+
+    async def chunks() -> Any:
+        yield multipart_body(make_zip())
+
+    async def read() -> form.StagedUpload:
+        return await form.read_upload_form(
+            chunks(),
+            content_type=MULTIPART_TYPE,
+            max_bundle_bytes=1024 * 1024,
+            tmp_dir=tmp_path,
+            durable=durable,
+        )
+
+    staged = asyncio.run(read())
+    try:
+        assert staged.bundle_path is not None
+        assert staged.bundle_path.read_bytes() == make_zip()
+        spool = [path for path in synced if path.startswith(str(tmp_path))]
+        assert spool == ([str(staged.bundle_path)] if durable else [])
+    finally:
+        staged.discard()

@@ -65,8 +65,11 @@ class StagedUpload:
 class _FormReader:
     """Callbacks for python-multipart's parser, one part at a time."""
 
-    def __init__(self, *, max_bundle_bytes: int, tmp_dir: Path, staged: StagedUpload) -> None:
+    def __init__(
+        self, *, max_bundle_bytes: int, tmp_dir: Path, staged: StagedUpload, durable: bool
+    ) -> None:
         self.max_bundle_bytes = max_bundle_bytes
+        self.durable = durable
         self.tmp_dir = tmp_dir
         self.staged = staged
         self.parts = 0
@@ -142,7 +145,8 @@ class _FormReader:
     def on_part_end(self) -> None:
         if self._file is not None:
             self._file.flush()
-            os.fsync(self._file.fileno())
+            if self.durable:
+                os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
             self.staged.sha256 = self._hash.hexdigest()
@@ -209,6 +213,7 @@ async def read_upload_form(
     tmp_dir: Path,
     idle_timeout_seconds: float | None = None,
     total_timeout_seconds: float | None = None,
+    durable: bool = True,
 ) -> StagedUpload:
     """Parse the multipart body; the caller must `discard()` the result when done with it.
 
@@ -216,10 +221,15 @@ async def read_upload_form(
     than `total_timeout_seconds` (a trickle that never stalls), gets UploadTimeout (408) and its
     partial upload is discarded. The whole body, not only the bundle, is bounded: without a
     `Content-Length` a client could otherwise stream an endless preamble or epilogue.
+
+    `durable`: the bundle is fsynced; a store that keeps the spooled file itself needs it on
+    disk, one that copies it elsewhere does not.
     """
     boundary = boundary_of(content_type)
     staged = StagedUpload()
-    reader = _FormReader(max_bundle_bytes=max_bundle_bytes, tmp_dir=tmp_dir, staged=staged)
+    reader = _FormReader(
+        max_bundle_bytes=max_bundle_bytes, tmp_dir=tmp_dir, staged=staged, durable=durable
+    )
     parser = MultipartParser(boundary, reader.callbacks())  # type: ignore[arg-type]
     max_body_bytes = max_bundle_bytes + FORM_OVERHEAD_BYTES
     loop = asyncio.get_running_loop()

@@ -97,6 +97,7 @@ async def upload_bundle(
         tmp_dir=settings.data_dir / "tmp",
         idle_timeout_seconds=settings.upload_idle_timeout_seconds,
         total_timeout_seconds=settings.upload_timeout_seconds,
+        durable=context.store.keeps_spooled_file,
     )
     try:
         bundle = await service.upload_bundle(

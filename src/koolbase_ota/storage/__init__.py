@@ -43,6 +43,8 @@ class BundleStore(Protocol):
 
     #: True when devices download from this server (local disk) rather than from the store.
     serves_downloads: bool
+    #: `put_file` keeps the very file it is given (a hard link): it must be on disk (fsync).
+    keeps_spooled_file: bool
 
     async def put_file(self, key: str, source: Path) -> None:
         """Store the file at `source` under `key`; never overwrites an existing object."""

@@ -19,6 +19,7 @@ from koolbase_ota.storage.signing import signed_path
 
 class LocalStore:
     serves_downloads = True
+    keeps_spooled_file = True
 
     def __init__(self, root: Path, *, public_url: str, secret_key: str) -> None:
         self.root = root.resolve()

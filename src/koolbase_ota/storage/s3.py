@@ -35,6 +35,7 @@ _ZIP: dict[str, str] = {"Content-Type": "application/zip"}
 
 class S3BundleStore:
     serves_downloads = False
+    keeps_spooled_file = False
 
     def __init__(
         self,
