@@ -339,3 +339,39 @@ def test_the_access_log_has_every_request_without_its_query(tmp_path: Path) -> N
     assert all(f'"GET {CHECK_PATH} HTTP/1.1" 200' in line for line in lines[:3]), lines
     assert '"GET /healthz HTTP/1.1" 200' in lines[3]
     assert not any("s3cr3t" in line for line in lines)
+
+
+def test_a_request_pipelined_behind_a_large_body_is_not_taken_for_a_large_head(
+    http_server: RunningServer, released_project: tuple[Project, dict[str, Any]]
+) -> None:
+    """One read may hold the end of an upload and the start of the next request's head: only
+    the head's own bytes count against its bound."""
+    project, _offer = released_project
+    boundary = "pipelined-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="channel"\r\n\r\ndevelopment\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="bundle"; filename="b.zip"\r\n'
+            "Content-Type: application/zip\r\n\r\n"
+        ).encode()
+        + make_zip({"big.bin": os.urandom(200 * 1024)})
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    upload = (
+        f"POST {project.path('/upload')} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {project.token}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    following = request("/healthz")
+    tail = 100 * 1024
+    with connect(http_server) as sock:
+        send(sock, upload[:-tail])
+        time.sleep(0.3)
+        # One read of 100 KiB: the upload's end, and the beginning of the next head.
+        send(sock, upload[-tail:] + following[:20])
+        time.sleep(0.3)
+        send(sock, following[20:])
+        uploaded, healthy = read_answers(sock, 2)
+    assert uploaded.status == 201, uploaded.body
+    assert healthy.status == 200

@@ -28,6 +28,7 @@ import socket
 import time
 from typing import Any, BinaryIO
 
+import httptools
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
@@ -124,8 +125,9 @@ class OTAHttpProtocol(HttpToolsProtocol):
         #: The answer to write once the current request's message is complete.
         self.fast_answer: bytes | None = None
         self.api_key: bytes | None = None
-        #: Bytes and headers of the request head read so far; None once the head is complete.
+        #: Bytes, reads and headers of the request head so far; bytes None once it is complete.
         self.head_bytes: int | None = 0
+        self.head_reads = 0
         self.head_headers = 0
         self.head_timer: asyncio.TimerHandle | None = None
         #: When the client last sent something (loop time), and the one idle timer that checks
@@ -165,7 +167,7 @@ class OTAHttpProtocol(HttpToolsProtocol):
         busy = (
             (self.cycle is not None and not self.cycle.response_complete)
             or self.fast_answer is not None
-            or bool(self.head_bytes)
+            or (self.head_bytes is not None and self.head_reads > 0)
         )
         if idle >= self.timeout_keep_alive and not busy:
             self.transport.close()
@@ -178,25 +180,26 @@ class OTAHttpProtocol(HttpToolsProtocol):
         self.last_seen = self.loop.time()
         try:
             self.parser.feed_data(data)
-        except _HeadTooLarge:
-            self._refuse(_HEAD_TOO_LARGE)
-            return
-        except Exception as exc:
-            # httptools raises its parser errors, and wraps a callback's exception in one.
+        except httptools.HttpParserUpgrade:
+            return  # no WebSocket routes here: the request goes on as plain HTTP
+        except httptools.HttpParserError as exc:
+            # httptools wraps a callback's exception in its own.
             if isinstance(exc.__context__, _HeadTooLarge):
                 self._refuse(_HEAD_TOO_LARGE)
                 return
-            if type(exc).__name__ == "HttpParserUpgrade":
-                return  # no WebSocket routes here: the request goes on as plain HTTP
             logger.info("malformed HTTP request: %s", type(exc).__name__)
             self._refuse(_BAD_REQUEST)
             return
         if self.head_bytes is not None:
-            # Still inside a request head after this read: count it, and start the clock.
-            self.head_bytes += len(data)
-            if self.head_bytes > MAX_HEAD_BYTES:
-                self._refuse(_HEAD_TOO_LARGE)
-                return
+            # Still inside a request head after this read. A read the head began in may also
+            # hold the end of the request before it, so only the reads after it count in
+            # full; the callbacks bound each header and the URL on their own.
+            if self.head_reads:
+                self.head_bytes += len(data)
+                if self.head_bytes > MAX_HEAD_BYTES:
+                    self._refuse(_HEAD_TOO_LARGE)
+                    return
+            self.head_reads += 1
             self._arm_head_timer()
 
     def send_400_response(self, msg: str) -> None:
@@ -234,6 +237,7 @@ class OTAHttpProtocol(HttpToolsProtocol):
         self.api_key = None
         self.fast_answer = None
         self.head_bytes = 0
+        self.head_reads = 0
         self.head_headers = 0
 
     def _new_scope(self) -> None:
@@ -279,7 +283,12 @@ class OTAHttpProtocol(HttpToolsProtocol):
             path, _, query = self.url.partition(b"?")
             endpoint = self.checks.get(path)
             if endpoint is not None:
-                self.fast_answer = self._check(endpoint, query)
+                try:
+                    self.fast_answer = self._check(endpoint, query)
+                except Exception:
+                    # Never a broken connection for the hot path: the app answers instead.
+                    logger.exception("the cached check failed; the app answers it")
+                    self.fast_answer = None
                 if self.fast_answer is not None:
                     return
         self._new_scope()
