@@ -7,6 +7,7 @@ files go out with sendfile(2); each must answer exactly what the app would, and 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -17,9 +18,11 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from koolbase_ota.httpserver import MAX_HEADERS
 from koolbase_ota.sdk.check import CHECK_PATH
+from koolbase_ota.sdk.codepush import CODE_PUSH_PATH
 from tests.api.test_upload import host_port
 from tests.conftest import Project, RunningServer, make_zip, new_project, start_server
 from tests.test_hostile_requests import Answer, read_answer, send
@@ -375,3 +378,44 @@ def test_a_request_pipelined_behind_a_large_body_is_not_taken_for_a_large_head(
         uploaded, healthy = read_answers(sock, 2)
     assert uploaded.status == 201, uploaded.body
     assert healthy.status == 200
+
+
+@pytest.mark.parametrize(
+    "path", [CHECK_PATH, CODE_PUSH_PATH], ids=["seed-check", "code-push-check"]
+)
+def test_the_documented_routes_answer_as_the_endpoints_do(
+    http_server: RunningServer, released_project: tuple[Project, dict[str, Any]], path: str
+) -> None:
+    """The app answers the checks in front of FastAPI; its routes, there for OpenAPI, give the
+    same answers through the same endpoint when reached."""
+    project, _offer = released_project
+    app = http_server.app
+
+    async def framework_only(scope: Any, receive: Any, send: Any) -> None:
+        await FastAPI.__call__(app, scope, receive, send)
+
+    cases = [
+        ("?channel=production&version=0", project.keys["production"]),
+        ("?channel=production&current_bundle=1", project.keys["production"]),
+        ("?version=x&current_bundle=x", project.keys["production"]),
+        ("", "pk_live_000000000000000000000000"),
+    ]
+
+    async def ask() -> list[tuple[httpx.Response, httpx.Response]]:
+        transport = httpx.ASGITransport(app=framework_only)
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://test") as route,
+            httpx.AsyncClient(base_url=http_server.base_url) as endpoint,
+        ):
+            return [
+                (
+                    await route.get(path + query, headers={"x-api-key": key}),
+                    await endpoint.get(path + query, headers={"x-api-key": key}),
+                )
+                for query, key in cases
+            ]
+
+    for through_route, through_endpoint in asyncio.run(ask()):
+        assert through_route.status_code == through_endpoint.status_code
+        assert through_route.content == through_endpoint.content
+        assert through_route.headers["cache-control"] == "no-store"

@@ -35,7 +35,7 @@ from koolbase_ota.bundles.multipart import StagedUpload
 from koolbase_ota.config import CHANNELS, Settings
 from koolbase_ota.db import Database, create_db_engine, upgrade_schema
 from koolbase_ota.sdk.cache import CheckCache
-from koolbase_ota.sdk.check import answer
+from koolbase_ota.sdk.check import CheckEndpoint
 from koolbase_ota.storage import BundleStore, open_store
 from tests.conftest import Project, RunningServer, make_zip, new_project, upload
 
@@ -283,8 +283,8 @@ def test_mandatory_exactly_when_a_released_mandatory_bundle_is_in_range(
         # A fresh cache: every answer is read from the database as it is now.
         cache = CheckCache(db=backend_on_disk.db, store=backend_on_disk.store, url_ttl_seconds=3600)
         for device in [*devices, 0]:
-            status, body, _, _ = await answer(
-                cache, api_key=key, channel="production", version=str(device)
+            status, body, _, _ = await CheckEndpoint(cache).respond(
+                key, {"channel": "production", "version": str(device)}
             )
             assert status == 200
             got = json.loads(body)

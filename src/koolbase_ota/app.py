@@ -50,6 +50,11 @@ class OTAApp(FastAPI):
     check_endpoint: CheckEndpoint | None = None
     code_push_endpoint: CodePushEndpoint | None = None
 
+    def checks(self) -> dict[str, CheckEndpoint]:
+        """The checks answered in front of the framework, by path."""
+        endpoints = (self.check_endpoint, self.code_push_endpoint)
+        return {endpoint.path: endpoint for endpoint in endpoints if endpoint is not None}
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.check_endpoint is not None and is_check(scope):
             await self.check_endpoint(scope, send)

@@ -115,12 +115,9 @@ class OTAHttpProtocol(HttpToolsProtocol):
         self.header_timeout: float = settings.header_timeout_seconds
         #: Our access log (uvicorn's is off: it would log query strings).
         self.access_log = settings.access_log
-        endpoints = (getattr(app, "check_endpoint", None), getattr(app, "code_push_endpoint", None))
         #: The checks' endpoints by raw request path.
         self.checks: dict[bytes, CheckEndpoint] = {
-            endpoint.path.encode(): endpoint
-            for endpoint in endpoints
-            if isinstance(endpoint, CheckEndpoint)
+            path.encode(): endpoint for path, endpoint in app.checks().items()
         }
         #: The answer to write once the current request's message is complete.
         self.fast_answer: bytes | None = None

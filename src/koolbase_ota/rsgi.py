@@ -19,13 +19,12 @@ import logging
 import time
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import unquote
 
 from koolbase_ota.app import OTAApp, create_app
 from koolbase_ota.config import Settings
-from koolbase_ota.sdk.check import CHECK_PATH, CheckEndpoint
-from koolbase_ota.sdk.codepush import CODE_PUSH_PATH
-from koolbase_ota.sdk.downloads import answer_headers, count_download, plan_download
+from koolbase_ota.sdk.check import CheckEndpoint
+from koolbase_ota.sdk.downloads import answer_headers, count_download, served_plan
 from koolbase_ota.storage.signing import DOWNLOAD_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -39,17 +38,8 @@ class RSGIApp:
     def __init__(self, app: OTAApp) -> None:
         self.app = app
         #: The checks' bare endpoints by path: called with the little of a request they read.
-        self.checks: dict[str, CheckEndpoint] = {
-            path: endpoint
-            for path, endpoint in (
-                (CHECK_PATH, app.check_endpoint),
-                (CODE_PUSH_PATH, app.code_push_endpoint),
-            )
-            if endpoint is not None
-        }
+        self.checks: dict[str, CheckEndpoint] = app.checks()
         self._lifespan: contextlib.AbstractAsyncContextManager[Any] | None = None
-        # CORS answers depend on the request's Origin: those downloads go through the app.
-        self._cors = bool(app.state.context.settings.cors_origins.strip())
 
     # Lifespan: granian calls these with the worker's loop, before and after serving.
 
@@ -78,26 +68,19 @@ class RSGIApp:
     async def _send_file(self, scope: Any, protocol: Any) -> bool:
         """Sends a valid download's file or range from Rust; False leaves it to the app.
 
-        Refusals, several-part ranges, If-Range and CORS requests are answered by the app,
-        which renders them exactly as on ASGI.
+        What `served_plan` leaves to the app is answered by it, exactly as on ASGI.
         """
         started = time.perf_counter()
         headers = scope.headers
-        if self._cors and "origin" in headers:
-            return False
-        try:
-            plan = await plan_download(
-                self.app.state.context,
-                unquote(scope.path[len(DOWNLOAD_PREFIX) :]),
-                parse_qsl(scope.query_string, keep_blank_values=True),
-                range_header=headers.get("range"),
-                if_range="if-range" in headers,
-            )
-        except Exception:
-            # A refusal, or a database that is down on a cold lookup: the app answers it
-            # (its JSON error, or its 503) exactly as on ASGI.
-            return False
-        if plan.other_range:
+        plan = await served_plan(
+            self.app.state.context,
+            unquote(scope.path[len(DOWNLOAD_PREFIX) :]),
+            scope.query_string,
+            range_header=headers.get("range"),
+            if_range="if-range" in headers,
+            origin="origin" in headers,
+        )
+        if plan is None:
             return False
         status, answer = answer_headers(plan)
         if plan.span is None:

@@ -1,8 +1,8 @@
 """`GET /v1/sdk/ota/check`: the hot path every installed app calls at launch.
 
-`answer()` holds the logic. `CheckEndpoint` serves it as a bare ASGI callable in front of the
-framework, so a warm check costs a few dict lookups and one `send`; the FastAPI route below
-serves the same answers and documents the endpoint in OpenAPI.
+`CheckEndpoint` holds the logic and answers in front of the framework: as a bare ASGI callable,
+on granian's RSGI interface, and (warm) inside `koolbase_ota.httpserver`'s parser callbacks.
+The FastAPI route below documents the endpoint in OpenAPI and answers through the same endpoint.
 """
 
 from __future__ import annotations
@@ -112,34 +112,6 @@ def parse_version(raw: str | None) -> int | None:
 
 
 _MISSING: Any = object()
-
-
-async def answer(
-    cache: CheckCache,
-    *,
-    api_key: str | None,
-    channel: str | None,
-    version: str | None,
-    app_version: str | None = None,
-    platform: str | None = None,
-    device_id: str | None = None,
-) -> tuple[int, bytes, bool, str | None]:
-    """Status, JSON body, whether the cache had it all, and the error code if one."""
-    found = await resolve(
-        cache,
-        CheckRequest(
-            api_key=api_key,
-            channel=channel or DEFAULT_CHANNEL,
-            version=version,
-            version_error="invalid_version",
-            app_version=app_version,
-            platform=platform,
-            device_id=device_id,
-        ),
-    )
-    if isinstance(found, tuple):
-        return found
-    return 200, cache.answer_for(found.state, found.current, found.device), found.hit, None
 
 
 @dataclass(frozen=True)
@@ -427,28 +399,21 @@ class CheckOut(BaseModel):
     rollback: bool | None = None
 
 
-def no_store_json(status: int, body: bytes) -> Response:
-    """A documented check route's answer, as the bare endpoint sends it."""
-    return Response(
-        body,
-        status_code=status,
-        media_type="application/json",
-        headers={"Cache-Control": "no-store"},
-    )
-
-
-def rate_limited(context: AppContext, request: Request, api_key: str | None) -> Response | None:
-    """The 429 for a documented check route's request over a limit, or None."""
+async def documented_answer(
+    endpoint: CheckEndpoint | None, context: AppContext, request: Request, api_key: str | None
+) -> Response:
+    """A documented check route's answer: the bare endpoint's, as it sends it. (The app
+    answers these paths in front of the framework; the routes document them in OpenAPI.)"""
+    if endpoint is None:
+        raise RuntimeError("the check endpoints are made with the app")
     limits = context.limits
-    retry_after = limits.check(api_key, limits.client_address(request.scope))
-    if retry_after is None:
-        return None
-    return Response(
-        _RATE_LIMITED,
-        status_code=429,
-        media_type="application/json",
-        headers={"Cache-Control": "no-store", "Retry-After": str(retry_after)},
+    status, body, _hit, _error, retry_after = await endpoint.outcome(
+        api_key, lambda: limits.client_address(request.scope), request.scope["query_string"]
     )
+    headers = {"Cache-Control": "no-store"}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 @router.get(
@@ -486,16 +451,5 @@ async def check(
         ),
     ] = None,
 ) -> Response:
-    limited = rate_limited(context, request, api_key)
-    if limited is not None:
-        return limited
-    status, body, _hit, _error_code = await answer(
-        context.check_cache,
-        api_key=api_key,
-        channel=channel,
-        version=version,
-        app_version=app_version,
-        platform=platform,
-        device_id=device_id,
-    )
-    return no_store_json(status, body)
+    # The query parameters above are read by the endpoint from the query string.
+    return await documented_answer(request.app.check_endpoint, context, request, api_key)

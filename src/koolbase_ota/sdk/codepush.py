@@ -24,54 +24,12 @@ from koolbase_ota.sdk.check import (
     CheckRequest,
     Resolved,
     api_key_header,
-    no_store_json,
-    rate_limited,
-    resolve,
+    documented_answer,
 )
 from koolbase_ota.security import RATE_LIMITED_RESPONSE
 
 CODE_PUSH_PATH = CODE_PUSH_ROUTE
 DEFAULT_CHANNEL = "stable"
-
-
-async def answer(
-    cache: CheckCache,
-    *,
-    api_key: str | None,
-    channel: str | None,
-    current_bundle: str | None,
-    app_version: str | None = None,
-    platform: str | None = None,
-    device_id: str | None = None,
-) -> tuple[int, bytes, bool, str | None]:
-    """Status, JSON body, whether the cache had it all, and the error code if one."""
-    found = await resolve(
-        cache,
-        _request(api_key, channel, current_bundle, app_version, platform, device_id),
-    )
-    if isinstance(found, tuple):
-        return found
-    body = cache.code_push_answer_for(found.state, found.current, found.device)
-    return 200, body, found.hit, None
-
-
-def _request(
-    api_key: str | None,
-    channel: str | None,
-    current_bundle: str | None,
-    app_version: str | None,
-    platform: str | None,
-    device_id: str | None,
-) -> CheckRequest:
-    return CheckRequest(
-        api_key=api_key,
-        channel=channel or DEFAULT_CHANNEL,
-        version=current_bundle or None,
-        version_error="invalid_current_bundle",
-        app_version=app_version,
-        platform=platform,
-        device_id=device_id,
-    )
 
 
 def is_code_push(scope: Scope) -> bool:
@@ -95,13 +53,14 @@ class CodePushEndpoint(CheckEndpoint):
         self.tally = cache.code_push_tally
 
     def request(self, api_key: str | None, query: dict[str, str]) -> CheckRequest:
-        return _request(
-            api_key,
-            query.get("channel"),
-            query.get("current_bundle"),
-            query.get("app_version"),
-            query.get("platform"),
-            query.get("device_id"),
+        return CheckRequest(
+            api_key=api_key,
+            channel=query.get("channel") or DEFAULT_CHANNEL,
+            version=query.get("current_bundle") or None,
+            version_error="invalid_current_bundle",
+            app_version=query.get("app_version"),
+            platform=query.get("platform"),
+            device_id=query.get("device_id"),
         )
 
     def render(self, found: Resolved) -> bytes:
@@ -165,16 +124,5 @@ async def code_push_check(
         str | None, Query(description="A stable id of the device, for percentage rollouts")
     ] = None,
 ) -> Response:
-    limited = rate_limited(context, request, api_key)
-    if limited is not None:
-        return limited
-    status, body, _hit, _error_code = await answer(
-        context.check_cache,
-        api_key=api_key,
-        channel=channel,
-        current_bundle=current_bundle,
-        app_version=app_version,
-        platform=platform,
-        device_id=device_id,
-    )
-    return no_store_json(status, body)
+    # The query parameters above are read by the endpoint from the query string.
+    return await documented_answer(request.app.code_push_endpoint, context, request, api_key)

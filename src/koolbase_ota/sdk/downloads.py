@@ -210,34 +210,56 @@ def count_download(status: int, started: float) -> None:
     LATENCY.labels("GET", DOWNLOAD_ROUTE).observe(time.perf_counter() - started)
 
 
-async def send_download(context: AppContext, scope: Scope, send: Send) -> bool:
-    """Answers a valid signed download in front of the framework, the file sent by the server
-    with ASGI's `http.response.zerocopysend`; False leaves the request to the route.
+async def served_plan(
+    context: AppContext,
+    key: str,
+    query_string: str,
+    *,
+    range_header: str | None,
+    if_range: bool,
+    origin: bool,
+) -> Plan | None:
+    """The plan of a download the server sends itself, in front of the framework; None leaves
+    the request to the route. Refusals, several-part ranges, If-Range and CORS requests go
+    there, which renders them (its JSON errors, its 503 on a cold lookup with the database
+    down) the same on every interface."""
+    if origin and context.settings.cors_origins.strip():
+        return None
+    try:
+        plan = await plan_download(
+            context,
+            key,
+            parse_qsl(query_string, keep_blank_values=True),
+            range_header=range_header,
+            if_range=if_range,
+        )
+    except Exception:
+        return None
+    return None if plan.other_range else plan
 
-    Refusals, several-part ranges, If-Range and CORS requests go to the route, which renders
-    them (its JSON errors, its 503 on a cold lookup with the database down).
-    """
+
+async def send_download(context: AppContext, scope: Scope, send: Send) -> bool:
+    """Answers a valid signed download (`served_plan`), the file sent by the server with
+    ASGI's `http.response.zerocopysend`; False leaves the request to the route."""
     started = time.perf_counter()
     range_header = None
-    if_range = False
+    if_range = origin = False
     for name, value in scope["headers"]:
         if name == b"range":
             range_header = value.decode("latin-1")
         elif name == b"if-range":
             if_range = True
-        elif name == b"origin" and context.settings.cors_origins.strip():
-            return False
-    try:
-        plan = await plan_download(
-            context,
-            scope["path"][len(DOWNLOAD_PREFIX) :],
-            parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True),
-            range_header=range_header,
-            if_range=if_range,
-        )
-    except Exception:
-        return False
-    if plan.other_range:
+        elif name == b"origin":
+            origin = True
+    plan = await served_plan(
+        context,
+        scope["path"][len(DOWNLOAD_PREFIX) :],
+        scope["query_string"].decode("latin-1"),
+        range_header=range_header,
+        if_range=if_range,
+        origin=origin,
+    )
+    if plan is None:
         return False
     status, headers = answer_headers(plan)
     start, end = plan.span if plan.span is not None else (0, plan.stat.st_size)
