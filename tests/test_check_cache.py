@@ -3,8 +3,11 @@ at least half their lifetime, changes invalidate, and a database outage leaves w
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -12,6 +15,7 @@ from urllib.parse import parse_qs, urlparse
 import httpx
 import pytest
 from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
 
 from koolbase_ota.sdk.cache import ANSWER_REUSE_SECONDS
 from tests.conftest import Project, RunningServer, new_project, released, start_server
@@ -112,6 +116,81 @@ def test_unknown_keys_are_cached_too(
     for _ in range(20):
         assert client.get(CHECK, headers=bad).status_code == 401
     assert statements.statements == []
+
+
+def test_checks_missing_the_same_entry_at_once_share_one_database_read(
+    server: RunningServer, client: httpx.Client, project: Project
+) -> None:
+    """After an activation every device's check of the channel misses at once: one read of
+    the database answers them all, not one read per check (each a worker thread's time)."""
+    released(client, project)
+    time.sleep(server.settings.cache_refresh_seconds * 3)
+    assert client.get(CHECK, headers=project.key()).status_code == 200  # the key is warm
+    reads: list[str] = []
+
+    def slow_channel_read(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "FROM channels" in statement:
+            reads.append(statement)
+            time.sleep(0.3)  # long enough for every check below to miss while it runs
+
+    engine = server.context.db.engine
+    event.listen(engine, "before_cursor_execute", slow_channel_read)
+    try:
+        barrier = threading.Barrier(16)
+
+        def check(_n: int) -> tuple[int, bytes]:
+            with httpx.Client(base_url=server.base_url, timeout=30) as own:
+                barrier.wait()
+                query = {"version": "0", "channel": "staging"}  # a channel not asked before
+                answer = own.get(CHECK, params=query, headers=project.key())
+                return answer.status_code, answer.content
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(check, range(16)))
+    finally:
+        event.remove(engine, "before_cursor_execute", slow_channel_read)
+    assert answers == [(200, b'{"has_update":false}')] * 16
+    assert len(reads) == 1, reads
+    assert server.context.check_cache.loading == {}
+
+
+def test_a_failed_shared_read_fails_every_check_waiting_on_it_and_is_not_kept(
+    tmp_path: Path,
+) -> None:
+    """A database that refuses connections: the checks that shared the read all get its
+    error, nothing is cached, and the next miss reads again."""
+    import asyncio
+
+    from koolbase_ota.db import Database, create_db_engine
+    from koolbase_ota.sdk.cache import CheckCache
+    from koolbase_ota.storage.local import LocalStore
+
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    engine = create_db_engine(f"postgresql://u:p@127.0.0.1:{port}/none", timeout_seconds=2)
+    attempts: list[object] = []
+    event.listen(engine, "do_connect", lambda *args: attempts.append(args))
+    cache = CheckCache(
+        db=Database(engine),
+        store=LocalStore(tmp_path, public_url="http://127.0.0.1", secret_key="k"),
+        url_ttl_seconds=60,
+    )
+
+    async def five_at_once() -> list[Any]:
+        asks = [cache.project_for_key("pk_live_" + "1" * 24) for _ in range(5)]
+        return await asyncio.gather(*asks, return_exceptions=True)
+
+    try:
+        failures = asyncio.run(five_at_once())
+        assert len(attempts) == 1
+        assert all(isinstance(failure, OperationalError) for failure in failures), failures
+        assert cache.keys == {}
+        assert cache.loading == {}
+        assert isinstance(asyncio.run(five_at_once())[0], OperationalError)
+        assert len(attempts) == 2
+    finally:
+        engine.dispose()
 
 
 def test_a_new_projects_keys_work_at_once_though_unknown_before(

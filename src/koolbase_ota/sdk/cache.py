@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio.to_thread
 from sqlalchemy import func, select
@@ -195,6 +195,20 @@ def _json(answer: dict[str, object]) -> bytes:
     return json.dumps(answer, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+@dataclass(eq=False)
+class _Flight:
+    """One database load of a cache entry, which every check missing that entry awaits.
+
+    After an activation, every device's check of that channel misses at once; without this,
+    each one read the channel in its own worker thread (in `bench/check.py`, the first checks
+    of a channel on 32 new connections held one worker's event loop for 110-130 ms).
+    """
+
+    generation: int
+    loop: asyncio.AbstractEventLoop
+    task: asyncio.Task[Any]
+
+
 class CheckCache:
     def __init__(
         self,
@@ -220,14 +234,18 @@ class CheckCache:
         self.generation = 0
         #: Change ids applied recently, with when: each change is applied once.
         self.applied: dict[int, float] = {}
+        #: The loads in flight, by (kind of entry, key).
+        self.loading: dict[tuple[str, object], _Flight] = {}
         self.tally = CheckTally(CHECK_ROUTE)
         self.code_push_tally = CheckTally(CODE_PUSH_ROUTE)
 
-    # Lookups: a hit is a dict read; a miss reads the database in a worker thread. Each
-    # returns (value, hit) so callers can count cache outcomes per request.
+    # Lookups: a hit is a dict read; a miss reads the database in a worker thread, once for
+    # all the checks that miss the same entry at the same time (see `_Flight`). Each returns
+    # (value, hit) so callers can count cache outcomes per request.
 
     async def _lookup(
         self,
+        kind: str,
         entries: dict[K, V],
         key: K,
         load: Callable[[], V],
@@ -238,6 +256,21 @@ class CheckCache:
             return entries[key], True
         except KeyError:
             pass
+        loop = asyncio.get_running_loop()
+        name = (kind, key)
+        flight = self.loading.get(name)
+        if flight is None or flight.generation != self.generation or flight.loop is not loop:
+            flight = _Flight(
+                self.generation, loop, loop.create_task(self._load(entries, key, load, keep))
+            )
+            self.loading[name] = flight
+            flight.task.add_done_callback(lambda _task: self._landed(name, flight))
+        # Shielded: a check that gives up (its client left) does not cancel the others' load.
+        return await asyncio.shield(flight.task), False
+
+    async def _load(
+        self, entries: dict[K, V], key: K, load: Callable[[], V], keep: Callable[[V], bool]
+    ) -> V:
         generation = self.generation
         value = await anyio.to_thread.run_sync(load)
         # Loaded across an invalidation: the database may have changed between our read and
@@ -246,21 +279,31 @@ class CheckCache:
             if len(entries) >= MAX_ENTRIES:
                 entries.clear()
             entries[key] = value
-        return value, False
+        return value
+
+    def _landed(self, name: tuple[str, object], flight: _Flight) -> None:
+        if self.loading.get(name) is flight:
+            del self.loading[name]
+        if not flight.task.cancelled():
+            flight.task.exception()  # retrieved here too, when every waiter has given up
 
     async def project_for_key(self, key: str) -> tuple[uuid.UUID | None, bool]:
         return await self._lookup(
-            self.keys, key, lambda: projects.project_for_public_key(self.db, public_key=key)
+            "key", self.keys, key, lambda: projects.project_for_public_key(self.db, public_key=key)
         )
 
     async def channel(self, project_id: uuid.UUID, name: str) -> tuple[ChannelState | None, bool]:
         return await self._lookup(
-            self.channels, (project_id, name), lambda: self._load_channel(project_id, name)
+            "channel",
+            self.channels,
+            (project_id, name),
+            lambda: self._load_channel(project_id, name),
         )
 
     async def checksum_of(self, storage_path: str) -> str | None:
         """The checksum of the bundle stored at `storage_path`, or None once it is deleted."""
         checksum, _hit = await self._lookup(
+            "download",
             self.downloads,
             storage_path,
             lambda: sdk_service.checksum_at(self.db, storage_path=storage_path),
