@@ -274,6 +274,40 @@ def test_downloads_are_the_stored_bytes_whole_ranged_and_headless(
     assert head.headers["content-length"] == str(len(body))
 
 
+def test_a_file_larger_than_the_socket_takes_arrives_whole_and_in_order(
+    http_server: RunningServer,
+) -> None:
+    """A slow reader with a small receive window and a file larger than any socket buffer
+    here (4 MiB at most): the first sendfile(2) sends what fits, the loop sends the rest as
+    the client reads, and the check pipelined behind it follows it."""
+    project = new_project(http_server.db)
+    bundle = make_zip({"data.bin": os.urandom(6 * 1024 * 1024)})
+    auth = {"Authorization": f"Bearer {project.token}"}
+    with httpx.Client(base_url=http_server.base_url, timeout=30) as client:
+        uploaded = client.post(
+            project.path("/upload"), headers=auth, files={"bundle": ("b.zip", bundle)}
+        )
+        assert uploaded.status_code == 201, uploaded.text
+        bundle_id = uploaded.json()["id"]
+        assert client.post(project.path(f"/bundles/{bundle_id}/activate"), headers=auth).is_success
+        offer = client.get(CHECK_PATH, headers={"x-api-key": project.keys["production"]}).json()
+    path = offer["download_url"].removeprefix(http_server.base_url)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window
+    sock.settimeout(10)
+    sock.connect(host_port(http_server))
+    try:
+        send(sock, request(path) + request(CHECK_PATH, key=project.keys["production"]))
+        time.sleep(0.3)  # the socket fills up while nobody reads
+        download, check = read_answers(sock, 2)
+    finally:
+        sock.close()
+    assert download.status == 200
+    assert download.body == bundle
+    assert check.status == 200
+    assert check.json()["checksum"] == offer["checksum"]
+
+
 def test_a_client_that_leaves_mid_download_does_not_disturb_others(
     http_server: RunningServer, released_project: tuple[Project, dict[str, Any]]
 ) -> None:

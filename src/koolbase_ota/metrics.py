@@ -23,12 +23,13 @@ UPLOAD_BYTES = Counter("koolbase_ota_upload_bytes_total", "Bytes of bundles stor
 ERRORS = Counter("koolbase_ota_errors_total", "Error answers by code.", ["code"])
 
 
-class CheckTally:
-    """The check's per-request counts in plain integers, pushed to Prometheus in batches.
+class RouteTally:
+    """A hot route's per-request counts in plain integers, pushed to Prometheus in batches.
 
     Every prometheus_client update takes a lock and walks label maps; at tens of thousands of
-    checks a second per process that was a fifth of the check's cost. The check counts here
-    and `flush()` (called by the cache's refresh loop and by /metrics) adds the totals.
+    checks a second per process that was a fifth of the check's cost (and the download's
+    counters a twentieth of a range download's Python time). The route counts here and `flush()`
+    (called by the cache's refresh loop and by /metrics) adds the totals.
     """
 
     def __init__(self, route: str) -> None:
@@ -41,13 +42,16 @@ class CheckTally:
         self._buckets = [0] * len(self._bounds)
         self._seconds = 0.0
 
-    def record(self, status: int, seconds: float, *, hit: bool, error: str | None) -> None:
+    def record(
+        self, status: int, seconds: float, *, hit: bool | None = None, error: str | None = None
+    ) -> None:
+        """`hit`: the check cache's outcome, None for a route that has none."""
         self.statuses[status] = self.statuses.get(status, 0) + 1
         if error is not None:
             self.errors[error] = self.errors.get(error, 0) + 1
         if hit:
             self.hits += 1
-        else:
+        elif hit is not None:
             self.misses += 1
         self._buckets[bisect.bisect_left(self._bounds, seconds)] += 1
         self._seconds += seconds

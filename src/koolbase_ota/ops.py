@@ -57,8 +57,7 @@ async def readyz(context: ContextDep) -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(context: ContextDep) -> Response:
-    context.check_cache.tally.flush()
-    context.check_cache.code_push_tally.flush()
+    context.check_cache.flush_tallies()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Several workers: add up what every process wrote to the shared directory.
         registry = CollectorRegistry()

@@ -72,8 +72,9 @@ class RSGIApp:
         """
         started = time.perf_counter()
         headers = scope.headers
+        context = self.app.state.context
         plan = await served_plan(
-            self.app.state.context,
+            context,
             unquote(scope.path[len(DOWNLOAD_PREFIX) :]),
             scope.query_string,
             range_header=headers.get("range"),
@@ -88,7 +89,7 @@ class RSGIApp:
         else:
             start, end = plan.span
             protocol.response_file_range(status, answer, str(plan.path), start, end)
-        count_download(status, started)
+        count_download(context.check_cache, status, started)
         return True
 
 

@@ -314,6 +314,33 @@ def test_a_url_expires_after_the_configured_ttl(
     assert httpx.get(url).status_code == 200
 
 
+def test_downloads_sent_by_the_server_are_counted_in_metrics(
+    embedded: RunningServer, url: str
+) -> None:
+    """Sent in front of the framework, and counted in batches: /metrics still shows each one
+    under the route, with its status, and in the latency histogram."""
+
+    def counts() -> tuple[float, float, float]:
+        found = [0.0, 0.0, 0.0]
+        for line in httpx.get(embedded.base_url + "/metrics", timeout=30).text.splitlines():
+            if 'route="/v1/downloads/{key:path}"' not in line:
+                continue
+            value = float(line.rsplit(" ", 1)[1])
+            if line.startswith("koolbase_ota_requests_total{") and 'status="200"' in line:
+                found[0] += value
+            elif line.startswith("koolbase_ota_requests_total{") and 'status="206"' in line:
+                found[1] += value
+            elif line.startswith("koolbase_ota_request_duration_seconds_count{"):
+                found[2] += value
+        return found[0], found[1], found[2]
+
+    full, ranges, timed = counts()
+    for _ in range(2):
+        assert httpx.get(url).status_code == 200
+    assert httpx.get(url, headers={"Range": "bytes=0-9"}).status_code == 206
+    assert counts() == (full + 2, ranges + 1, timed + 3)
+
+
 def test_a_url_signed_with_another_secret_is_403(
     server: RunningServer, client: httpx.Client, project: Project
 ) -> None:

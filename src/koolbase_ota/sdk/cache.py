@@ -29,11 +29,12 @@ from koolbase_ota.bundles import targeting
 from koolbase_ota.bundles.models import Bundle
 from koolbase_ota.bundles.targeting import VersionKey
 from koolbase_ota.db import Database
-from koolbase_ota.metrics import CheckTally
+from koolbase_ota.metrics import RouteTally
 from koolbase_ota.projects import service as projects
 from koolbase_ota.projects.models import Channel
 from koolbase_ota.sdk import service as sdk_service
 from koolbase_ota.storage import BundleStore
+from koolbase_ota.storage.signing import DOWNLOAD_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ NO_UPDATE = b'{"has_update":false}'
 CODE_PUSH_NO_UPDATE = b'{"status":"no_update"}'
 CHECK_ROUTE = "/v1/sdk/ota/check"
 CODE_PUSH_ROUTE = "/v1/code-push/check"
+DOWNLOAD_ROUTE = DOWNLOAD_PREFIX + "{key:path}"
 #: Beyond this many entries a map is emptied: a flood of made-up keys or channels costs
 #: memory up to this bound, then a cold cache, never unbounded growth.
 MAX_ENTRIES = 200_000
@@ -236,8 +238,10 @@ class CheckCache:
         self.applied: dict[int, float] = {}
         #: The loads in flight, by (kind of entry, key).
         self.loading: dict[tuple[str, object], _Flight] = {}
-        self.tally = CheckTally(CHECK_ROUTE)
-        self.code_push_tally = CheckTally(CODE_PUSH_ROUTE)
+        self.tally = RouteTally(CHECK_ROUTE)
+        self.code_push_tally = RouteTally(CODE_PUSH_ROUTE)
+        #: Downloads sent by this server (the embedded default's signed URLs).
+        self.download_tally = RouteTally(DOWNLOAD_ROUTE)
 
     # Lookups: a hit is a dict read; a miss reads the database in a worker thread, once for
     # all the checks that miss the same entry at the same time (see `_Flight`). Each returns
@@ -443,6 +447,12 @@ class CheckCache:
                 if project is not None and project != change.project_id
             }
 
+    def flush_tallies(self) -> None:
+        """Add the hot routes' counts to their Prometheus metrics."""
+        self.tally.flush()
+        self.code_push_tally.flush()
+        self.download_tally.flush()
+
     async def start(self) -> None:
         self.last_change = await anyio.to_thread.run_sync(changes.latest_id, self.db)
 
@@ -468,8 +478,7 @@ class CheckCache:
         next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
         while True:
             await asyncio.sleep(every_seconds)
-            self.tally.flush()
-            self.code_push_tally.flush()
+            self.flush_tallies()
             try:
                 await self.refresh()
                 if time.monotonic() >= next_prune:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -18,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 from koolbase_ota.bundles.schemas import ErrorOut
 from koolbase_ota.deps import AppContext, ContextDep
 from koolbase_ota.errors import Forbidden, NotFound
-from koolbase_ota.metrics import LATENCY, REQUESTS
+from koolbase_ota.sdk.cache import CheckCache
 from koolbase_ota.security import check_headers
 from koolbase_ota.storage import ObjectNotFound
 from koolbase_ota.storage.local import LocalStore
@@ -26,8 +27,6 @@ from koolbase_ota.storage.signing import DOWNLOAD_PREFIX, verify
 
 router = APIRouter(tags=["sdk"])
 
-#: The route's label in the request metrics.
-DOWNLOAD_ROUTE = DOWNLOAD_PREFIX + "{key:path}"
 _SECURITY_HEADERS = [(name.decode(), value.decode()) for name, value in check_headers()]
 
 _MESSAGES = {
@@ -186,12 +185,17 @@ class _RangeResponse(Response):
         await send({"type": "http.response.body", "body": body})
 
 
+@functools.lru_cache(maxsize=1024)
+def _http_date(mtime: float) -> str:
+    return formatdate(mtime, usegmt=True)
+
+
 def answer_headers(plan: Plan) -> tuple[int, list[tuple[str, str]]]:
     """Status and headers of a planned download sent by the server itself (200 for the whole
     file, 206 for its one range), the same on every interface and as the route's."""
     headers = [
         ("content-type", "application/zip"),
-        ("last-modified", formatdate(plan.stat.st_mtime, usegmt=True)),
+        ("last-modified", _http_date(plan.stat.st_mtime)),
         *plan.headers.items(),
         *_SECURITY_HEADERS,
     ]
@@ -204,10 +208,9 @@ def answer_headers(plan: Plan) -> tuple[int, list[tuple[str, str]]]:
     return 206, headers
 
 
-def count_download(status: int, started: float) -> None:
+def count_download(cache: CheckCache, status: int, started: float) -> None:
     """The request metrics the route's middleware would have counted."""
-    REQUESTS.labels("GET", DOWNLOAD_ROUTE, str(status)).inc()
-    LATENCY.labels("GET", DOWNLOAD_ROUTE).observe(time.perf_counter() - started)
+    cache.download_tally.record(status, time.perf_counter() - started)
 
 
 async def served_plan(
@@ -279,7 +282,7 @@ async def send_download(context: AppContext, scope: Scope, send: Send) -> bool:
                 "count": end - start,
             }
         )
-    count_download(status, started)
+    count_download(context.check_cache, status, started)
     return True
 
 

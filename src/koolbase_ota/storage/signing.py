@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import time
@@ -11,6 +12,13 @@ DOWNLOAD_PREFIX = "/v1/downloads/"
 
 
 def _signature(secret_key: str, path: str, params: list[tuple[str, str]]) -> str:
+    return _signature_of(secret_key, path, tuple(params))
+
+
+# Devices download through the URL the check handed out, reused for half its lifetime: the same
+# few URLs are verified over and over.
+@functools.lru_cache(maxsize=4096)
+def _signature_of(secret_key: str, path: str, params: tuple[tuple[str, str], ...]) -> str:
     # Every query parameter but the signature goes into the message, sorted, so no parameter
     # can be added, removed or changed without breaking the signature.
     canonical = path + "?" + urlencode(sorted(params))
