@@ -314,6 +314,22 @@ def test_a_url_expires_after_the_configured_ttl(
     assert httpx.get(url).status_code == 200
 
 
+def test_only_short_urls_have_their_signature_remembered() -> None:
+    """Signatures of the URLs handed out are remembered (devices reuse them); a made-up long
+    one is checked all the same, and not remembered, so such URLs cannot fill memory."""
+    from koolbase_ota.storage import signing
+
+    secret = "a secret key of at least 32 characters"
+    path, _, query_string = signed_path(secret, "ota/p/v1.zip", ttl_seconds=60).partition("?")
+    query = parse_qsl(query_string)
+    assert signing.verify(secret, path, query) is None
+    remembered = signing._remembered_sign.cache_info().currsize
+    long_query = [("expires", "9" * 12), ("x", "a" * 4000), ("signature", "0" * 64)]
+    assert signing.verify(secret, DOWNLOAD_PREFIX + "ota/x.zip", long_query) == "invalid_signature"
+    assert signing._remembered_sign.cache_info().currsize == remembered
+    assert signing.verify(secret, path, query) is None
+
+
 def test_downloads_sent_by_the_server_are_counted_in_metrics(
     embedded: RunningServer, url: str
 ) -> None:

@@ -190,10 +190,12 @@ class _FormReader:
         self.finished = True
 
     def close(self) -> None:
+        """Closes the bundle's file, which is being discarded: its errors do not matter."""
         with contextlib.suppress(OSError):
             self._sync_finished()
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = None
 
 
@@ -309,20 +311,26 @@ async def read_upload_form(
         if not reader.finished:
             raise InvalidInput("the multipart body ended early", code="invalid_multipart")
     except MultipartParseError as exc:
-        await _settled(writing)
-        reader.close()
-        staged.discard()
+        await _discarded(reader, staged, writing)
         raise InvalidInput(f"malformed multipart body: {exc}", code="invalid_multipart") from exc
     except BaseException:
-        await _settled(writing)
-        reader.close()
-        staged.discard()
+        await _discarded(reader, staged, writing)
         raise
     return staged
 
 
+async def _discarded(
+    reader: _FormReader, staged: StagedUpload, writing: asyncio.Future[Any] | None
+) -> None:
+    """Closes and removes a refused upload's file once nothing is writing or syncing it."""
+    await _settled(writing)
+    # In a thread: closing waits for a background sync, which must not stall the event loop.
+    await _settled(asyncio.get_running_loop().run_in_executor(None, reader.close))
+    staged.discard()
+
+
 async def _settled(job: asyncio.Future[Any] | None) -> None:
-    """Waits for a batch still being written, so the file is not closed under it."""
+    """Waits for a job still running (a batch being written, the file being closed)."""
     if job is not None and not job.done():
         with contextlib.suppress(BaseException):
             await asyncio.wait([job])

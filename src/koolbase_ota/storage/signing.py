@@ -11,18 +11,27 @@ from urllib.parse import urlencode
 DOWNLOAD_PREFIX = "/v1/downloads/"
 
 
+#: Devices download through the URL the check handed out, reused for half its lifetime: the
+#: same few URLs are verified over and over, so their signatures are remembered. Only short
+#: ones (ours are about 100 characters), so that made-up URLs cannot fill memory.
+_REMEMBERED = 4096
+_REMEMBERED_LENGTH = 512
+
+
 def _signature(secret_key: str, path: str, params: list[tuple[str, str]]) -> str:
-    return _signature_of(secret_key, path, tuple(params))
+    if len(path) + sum(len(name) + len(value) for name, value in params) > _REMEMBERED_LENGTH:
+        return _sign(secret_key, path, tuple(params))
+    return _remembered_sign(secret_key, path, tuple(params))
 
 
-# Devices download through the URL the check handed out, reused for half its lifetime: the same
-# few URLs are verified over and over.
-@functools.lru_cache(maxsize=4096)
-def _signature_of(secret_key: str, path: str, params: tuple[tuple[str, str], ...]) -> str:
+def _sign(secret_key: str, path: str, params: tuple[tuple[str, str], ...]) -> str:
     # Every query parameter but the signature goes into the message, sorted, so no parameter
     # can be added, removed or changed without breaking the signature.
     canonical = path + "?" + urlencode(sorted(params))
     return hmac.new(secret_key.encode(), canonical.encode(), hashlib.sha256).hexdigest()
+
+
+_remembered_sign = functools.lru_cache(maxsize=_REMEMBERED)(_sign)
 
 
 def signed_path(secret_key: str, key: str, *, ttl_seconds: int, now: float | None = None) -> str:
