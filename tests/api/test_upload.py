@@ -852,10 +852,11 @@ def test_a_durable_bundle_is_synced_while_it_arrives(
         assert staged.bundle_path.read_bytes() == bundle
         assert staged.sha256 == hashlib.sha256(bundle).hexdigest()
         if durable:
-            # Synced part-way, more than once, each time further on.
-            assert len(sizes) >= 2, sizes
-            assert sizes == sorted(sizes)
+            # Synced part-way (a sync still running when the next is due is not doubled, so
+            # how many depends on the disk), each time further on.
+            assert sizes, sizes
             assert 0 < sizes[0] < len(bundle)
+            assert sizes == sorted(sizes)
         else:
             assert sizes == []
     finally:
