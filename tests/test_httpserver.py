@@ -226,6 +226,34 @@ def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(
         assert sock.recv(1) == b""
 
 
+def test_a_connection_is_idle_from_the_end_of_its_last_response(
+    http_server: RunningServer, released_project: tuple[Project, dict[str, Any]]
+) -> None:
+    """A download that takes longer than the keep-alive timeout (here, a client that does not
+    read for a while) is not idle time: the connection stays open for the whole timeout after
+    the file is sent, not until the next idle check after it."""
+    project = new_project(http_server.db)
+    bundle = make_zip({"data.bin": os.urandom(6 * 1024 * 1024)})  # more than the socket takes
+    auth = {"Authorization": f"Bearer {project.token}"}
+    with httpx.Client(base_url=http_server.base_url, timeout=30) as client:
+        uploaded = client.post(
+            project.path("/upload"), headers=auth, files={"bundle": ("b.zip", bundle)}
+        )
+        assert uploaded.status_code == 201, uploaded.text
+        bundle_id = uploaded.json()["id"]
+        assert client.post(project.path(f"/bundles/{bundle_id}/activate"), headers=auth).is_success
+        offer = client.get(CHECK_PATH, headers={"x-api-key": project.keys["production"]}).json()
+    with connect(http_server) as sock:
+        send(sock, request(offer["download_url"].removeprefix(http_server.base_url)))
+        time.sleep(IDLE_SECONDS * 1.5)  # the response waits on us, longer than the timeout
+        download = read_answers(sock, 1)[0]
+        sent = time.monotonic()
+        assert download.body == bundle
+        assert sock.recv(1) == b""  # closed once idle for the timeout
+        # Counted from when the request came, the file's end would already have been too late.
+        assert IDLE_SECONDS * 0.8 <= time.monotonic() - sent < IDLE_SECONDS + 5
+
+
 def test_a_malformed_request_gets_a_json_400(http_server: RunningServer) -> None:
     with connect(http_server) as sock:
         send(sock, b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n")

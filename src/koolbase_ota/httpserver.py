@@ -128,8 +128,9 @@ class OTAHttpProtocol(HttpToolsProtocol):
         self.head_reads = 0
         self.head_headers = 0
         self.head_timer: asyncio.TimerHandle | None = None
-        #: When the client last sent something (loop time), and the one idle timer that checks
-        #: it: cheaper than uvicorn's timer re-armed after every response.
+        #: When the client last sent something or its last response ended (loop time), and the
+        #: one idle timer that checks it: cheaper than uvicorn's timer re-armed after every
+        #: response.
         self.last_seen = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
 
@@ -174,7 +175,6 @@ class OTAHttpProtocol(HttpToolsProtocol):
         self.idle_timer = self.loop.call_later(wait, self._idle_check)
 
     def data_received(self, data: bytes) -> None:
-        self._unset_keepalive_if_required()
         self.last_seen = self.loop.time()
         try:
             self.parser.feed_data(data)
@@ -199,6 +199,19 @@ class OTAHttpProtocol(HttpToolsProtocol):
                     return
             self.head_reads += 1
             self._arm_head_timer()
+
+    def on_response_complete(self) -> None:
+        # uvicorn's, less its keep-alive timer armed after every response: `_idle_check` is
+        # the one timer, and the connection is idle from now (not from when the request came,
+        # which for a long download would close it as soon as the file was sent).
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.last_seen = self.loop.time()
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
 
     def send_400_response(self, msg: str) -> None:
         self._refuse(_BAD_REQUEST)
