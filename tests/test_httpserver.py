@@ -24,7 +24,7 @@ from koolbase_ota.httpserver import MAX_HEADERS
 from koolbase_ota.sdk.check import CHECK_PATH
 from koolbase_ota.sdk.codepush import CODE_PUSH_PATH
 from tests.api.test_upload import host_port
-from tests.conftest import Project, RunningServer, make_zip, new_project, start_server
+from tests.conftest import Project, RunningServer, make_zip, new_project, start_server, upload
 from tests.test_hostile_requests import Answer, read_answer, send
 
 #: The check's path with one letter percent-encoded: the same endpoint, but not the raw path
@@ -44,26 +44,35 @@ def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSer
     running.stop()
 
 
+def published(server: RunningServer, bundle: bytes) -> tuple[Project, dict[str, Any]]:
+    """A new project with `bundle` active on production, and its SDK check's answer."""
+    project = new_project(server.db)
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+        uploaded = upload(client, project, bundle)
+        assert uploaded.status_code == 201, uploaded.text
+        activated = client.post(
+            project.path(f"/bundles/{uploaded.json()['id']}/activate"), headers=project.auth
+        )
+        assert activated.status_code == 200, activated.text
+        offer: dict[str, Any] = client.get(
+            CHECK_PATH, headers={"x-api-key": project.keys["production"]}
+        ).json()
+    assert offer["has_update"] is True
+    return project, offer
+
+
 @pytest.fixture(scope="module")
 def released_project(http_server: RunningServer) -> tuple[Project, dict[str, Any]]:
     """A project with an active 300 KiB bundle on production; its SDK check's answer."""
-    project = new_project(http_server.db)
-    bundle = make_zip({"data.bin": os.urandom(300 * 1024)})  # incompressible
-    with httpx.Client(base_url=http_server.base_url, timeout=30) as client:
-        uploaded = client.post(
-            project.path("/upload"),
-            headers={"Authorization": f"Bearer {project.token}"},
-            files={"bundle": ("b.zip", bundle, "application/zip")},
-        )
-        assert uploaded.status_code == 201, uploaded.text
-        activated = client.post(
-            project.path(f"/bundles/{uploaded.json()['id']}/activate"),
-            headers={"Authorization": f"Bearer {project.token}"},
-        )
-        assert activated.status_code == 200, activated.text
-        offer = client.get(CHECK_PATH, headers={"x-api-key": project.keys["production"]})
-    assert offer.json()["has_update"] is True
-    return project, offer.json()
+    return published(http_server, make_zip({"data.bin": os.urandom(300 * 1024)}))  # incompressible
+
+
+@pytest.fixture(scope="module")
+def large_release(http_server: RunningServer) -> tuple[Project, dict[str, Any], bytes]:
+    """A project whose active bundle (6 MiB) is larger than any socket buffer here (4 MiB at
+    most); its SDK check's answer, and the bundle."""
+    bundle = make_zip({"data.bin": os.urandom(6 * 1024 * 1024)})
+    return (*published(http_server, bundle), bundle)
 
 
 def request(path: str, *, key: str | None = None, extra: str = "", version: str = "1.1") -> bytes:
@@ -227,22 +236,12 @@ def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(
 
 
 def test_a_connection_is_idle_from_the_end_of_its_last_response(
-    http_server: RunningServer, released_project: tuple[Project, dict[str, Any]]
+    http_server: RunningServer, large_release: tuple[Project, dict[str, Any], bytes]
 ) -> None:
     """A download that takes longer than the keep-alive timeout (here, a client that does not
     read for a while) is not idle time: the connection stays open for the whole timeout after
     the file is sent, not until the next idle check after it."""
-    project = new_project(http_server.db)
-    bundle = make_zip({"data.bin": os.urandom(6 * 1024 * 1024)})  # more than the socket takes
-    auth = {"Authorization": f"Bearer {project.token}"}
-    with httpx.Client(base_url=http_server.base_url, timeout=30) as client:
-        uploaded = client.post(
-            project.path("/upload"), headers=auth, files={"bundle": ("b.zip", bundle)}
-        )
-        assert uploaded.status_code == 201, uploaded.text
-        bundle_id = uploaded.json()["id"]
-        assert client.post(project.path(f"/bundles/{bundle_id}/activate"), headers=auth).is_success
-        offer = client.get(CHECK_PATH, headers={"x-api-key": project.keys["production"]}).json()
+    _project, offer, bundle = large_release
     with connect(http_server) as sock:
         send(sock, request(offer["download_url"].removeprefix(http_server.base_url)))
         time.sleep(IDLE_SECONDS * 1.5)  # the response waits on us, longer than the timeout
@@ -303,22 +302,12 @@ def test_downloads_are_the_stored_bytes_whole_ranged_and_headless(
 
 
 def test_a_file_larger_than_the_socket_takes_arrives_whole_and_in_order(
-    http_server: RunningServer,
+    http_server: RunningServer, large_release: tuple[Project, dict[str, Any], bytes]
 ) -> None:
-    """A slow reader with a small receive window and a file larger than any socket buffer
-    here (4 MiB at most): the first sendfile(2) sends what fits, the loop sends the rest as
-    the client reads, and the check pipelined behind it follows it."""
-    project = new_project(http_server.db)
-    bundle = make_zip({"data.bin": os.urandom(6 * 1024 * 1024)})
-    auth = {"Authorization": f"Bearer {project.token}"}
-    with httpx.Client(base_url=http_server.base_url, timeout=30) as client:
-        uploaded = client.post(
-            project.path("/upload"), headers=auth, files={"bundle": ("b.zip", bundle)}
-        )
-        assert uploaded.status_code == 201, uploaded.text
-        bundle_id = uploaded.json()["id"]
-        assert client.post(project.path(f"/bundles/{bundle_id}/activate"), headers=auth).is_success
-        offer = client.get(CHECK_PATH, headers={"x-api-key": project.keys["production"]}).json()
+    """A slow reader with a small receive window and a file larger than the socket takes:
+    the first sendfile(2) sends what fits, the loop sends the rest as the client reads, and
+    the check pipelined behind it follows it."""
+    project, offer, bundle = large_release
     path = offer["download_url"].removeprefix(http_server.base_url)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window
