@@ -244,8 +244,7 @@ class CheckCache:
         self.download_tally = RouteTally(DOWNLOAD_ROUTE)
 
     # Lookups: a hit is a dict read; a miss reads the database in a worker thread, once for
-    # all the checks that miss the same entry at the same time (see `_Flight`). Each returns
-    # (value, hit) so callers can count cache outcomes per request.
+    # all the checks that miss the same entry at the same time (see `_Flight`).
 
     async def _lookup(
         self,
@@ -255,9 +254,9 @@ class CheckCache:
         load: Callable[[], V],
         *,
         keep: Callable[[V], bool] = lambda _value: True,
-    ) -> tuple[V, bool]:
+    ) -> V:
         try:
-            return entries[key], True
+            return entries[key]
         except KeyError:
             pass
         loop = asyncio.get_running_loop()
@@ -270,7 +269,8 @@ class CheckCache:
             self.loading[name] = flight
             flight.task.add_done_callback(lambda _task: self._landed(name, flight))
         # Shielded: a check that gives up (its client left) does not cancel the others' load.
-        return await asyncio.shield(flight.task), False
+        value: V = await asyncio.shield(flight.task)
+        return value
 
     async def _load(
         self, entries: dict[K, V], key: K, load: Callable[[], V], keep: Callable[[V], bool]
@@ -291,12 +291,12 @@ class CheckCache:
         if not flight.task.cancelled():
             flight.task.exception()  # retrieved here too, when every waiter has given up
 
-    async def project_for_key(self, key: str) -> tuple[uuid.UUID | None, bool]:
+    async def project_for_key(self, key: str) -> uuid.UUID | None:
         return await self._lookup(
             "key", self.keys, key, lambda: projects.project_for_public_key(self.db, public_key=key)
         )
 
-    async def channel(self, project_id: uuid.UUID, name: str) -> tuple[ChannelState | None, bool]:
+    async def channel(self, project_id: uuid.UUID, name: str) -> ChannelState | None:
         return await self._lookup(
             "channel",
             self.channels,
@@ -306,14 +306,13 @@ class CheckCache:
 
     async def checksum_of(self, storage_path: str) -> str | None:
         """The checksum of the bundle stored at `storage_path`, or None once it is deleted."""
-        checksum, _hit = await self._lookup(
+        return await self._lookup(
             "download",
             self.downloads,
             storage_path,
             lambda: sdk_service.checksum_at(self.db, storage_path=storage_path),
             keep=lambda found: found is not None,  # a deleted bundle must stay gone
         )
-        return checksum
 
     def signature(self, checksum: str) -> str:
         """`hmac-sha256:` + hex HMAC-SHA-256 of the checksum under the server's secret key.

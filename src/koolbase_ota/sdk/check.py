@@ -192,9 +192,9 @@ async def resolve(
             return found
         if found.project_id is None:
             assert request.api_key  # resolve_cached answers a missing key itself
-            loaded["key"], _hit = await cache.project_for_key(request.api_key)
+            loaded["key"] = await cache.project_for_key(request.api_key)
         else:
-            loaded["channel"], _hit = await cache.channel(found.project_id, request.channel)
+            loaded["channel"] = await cache.channel(found.project_id, request.channel)
 
 
 def _fail(code: str, *, hit: bool) -> tuple[int, bytes, bool, str]:
