@@ -166,6 +166,25 @@ def test_cors_allows_only_the_configured_origins(
     assert "access-control-allow-origin" not in foreign.headers
 
 
+def test_a_cors_download_range_is_answered_by_the_app_with_the_file_bytes(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    """With CORS on, a download carrying an Origin goes through the app (its CORS headers
+    depend on the Origin): a range there is still the file's bytes, sent by the server."""
+    server = make_server(cors_origins=DASHBOARD)
+    project = new_project(server.db)
+    with httpx.Client(base_url=server.base_url, timeout=30) as http:
+        released(http, project)
+        url = http.get("/v1/sdk/ota/check", headers=project.key()).json()["download_url"]
+        whole = http.get(url).content
+        ranged = http.get(url, headers={"Origin": DASHBOARD, "Range": "bytes=10-29"})
+
+    assert ranged.status_code == 206
+    assert ranged.content == whole[10:30]
+    assert ranged.headers["content-range"] == f"bytes 10-29/{len(whole)}"
+    assert ranged.headers["access-control-allow-origin"] == DASHBOARD
+
+
 def test_an_unexpected_error_has_the_headers(tmp_path: Path) -> None:
     app = create_app(Settings(data_dir=tmp_path))
 

@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl
 import anyio.to_thread
 from fastapi import APIRouter, Request
 from starlette.responses import FileResponse, Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from koolbase_ota.bundles.schemas import ErrorOut
 from koolbase_ota.deps import AppContext, ContextDep
@@ -162,18 +162,9 @@ class _RangeResponse(Response):
         self.headers["content-length"] = str(end - start)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        start = {"type": "http.response.start", "status": 206, "headers": self.raw_headers}
+        start: Message = {"type": "http.response.start", "status": 206, "headers": self.raw_headers}
         if "http.response.zerocopysend" in scope.get("extensions", {}):
-            with open(self.path, "rb") as file:
-                await send(start)
-                await send(
-                    {
-                        "type": "http.response.zerocopysend",
-                        "file": file,
-                        "offset": self.start,
-                        "count": self.end - self.start,
-                    }
-                )
+            await _send_zero_copy(send, start, self.path, self.start, self.end)
             return
 
         def read() -> bytes:
@@ -266,14 +257,18 @@ async def send_download(context: AppContext, scope: Scope, send: Send) -> bool:
         return False
     status, headers = answer_headers(plan)
     start, end = plan.span if plan.span is not None else (0, plan.stat.st_size)
-    with open(plan.path, "rb") as file:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(name.encode(), value.encode()) for name, value in headers],
-            }
-        )
+    raw_headers = [(name.encode(), value.encode()) for name, value in headers]
+    response: Message = {"type": "http.response.start", "status": status, "headers": raw_headers}
+    await _send_zero_copy(send, response, plan.path, start, end)
+    count_download(context.check_cache, status, started)
+    return True
+
+
+async def _send_zero_copy(send: Send, response: Message, path: Path, start: int, end: int) -> None:
+    """`response` (the `http.response.start` message), then bytes `start` to `end` of the file
+    at `path`, sent by the server (ASGI's `http.response.zerocopysend`)."""
+    with open(path, "rb") as file:
+        await send(response)
         await send(
             {
                 "type": "http.response.zerocopysend",
@@ -282,8 +277,6 @@ async def send_download(context: AppContext, scope: Scope, send: Send) -> bool:
                 "count": end - start,
             }
         )
-    count_download(context.check_cache, status, started)
-    return True
 
 
 def range_headers(start: int, end: int, size: int) -> dict[str, str]:
