@@ -768,10 +768,6 @@ def test_the_spooled_bundle_is_fsynced_only_for_a_store_that_keeps_it(
 ) -> None:
     """The local store hard-links the spooled file into place, so it must be on disk; S3
     copies it away and the spool is deleted, so an fsync there is only lost time."""
-    import asyncio
-
-    from koolbase_ota.bundles import multipart as form
-
     synced: list[str] = []
     fsync = os.fsync
 
@@ -780,20 +776,7 @@ def test_the_spooled_bundle_is_fsynced_only_for_a_store_that_keeps_it(
         fsync(fd)
 
     monkeypatch.setattr(os, "fsync", recording)
-
-    async def chunks() -> Any:
-        yield multipart_body(make_zip())
-
-    async def read() -> form.StagedUpload:
-        return await form.read_upload_form(
-            chunks(),
-            content_type=MULTIPART_TYPE,
-            max_bundle_bytes=1024 * 1024,
-            tmp_dir=tmp_path,
-            durable=durable,
-        )
-
-    staged = asyncio.run(read())
+    staged = _read_form_in_pieces(multipart_body(make_zip()), tmp_path, durable=durable)
     try:
         assert staged.bundle_path is not None
         assert staged.bundle_path.read_bytes() == make_zip()
