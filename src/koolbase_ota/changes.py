@@ -13,7 +13,7 @@ import datetime as dt
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import BigInteger, Integer, String, Uuid, delete, func, select
+from sqlalchemy import BigInteger, Integer, String, Uuid, bindparam, delete, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from koolbase_ota.db import Base, Database, UTCDateTime, utcnow
@@ -63,14 +63,23 @@ def latest_id(db: Database) -> int:
 LOOK_BACK = dt.timedelta(seconds=60)
 
 
+#: The poll's query, built once: every process runs it several times a second beside the
+#: checks it serves, and building it (and an ORM session around it) each time was most of a
+#: poll's cost, which holds the interpreter lock the checks need.
+_CHANGES_SINCE = (
+    select(ChangeEvent.id, ChangeEvent.project_id, ChangeEvent.kind, ChangeEvent.channel)
+    .where((ChangeEvent.id > bindparam("last_id")) | (ChangeEvent.created_at >= bindparam("since")))
+    .order_by(ChangeEvent.id)
+    .limit(bindparam("limit", type_=Integer()))
+)
+
+
 def changes_since(db: Database, last_id: int, *, limit: int = 10_000) -> list[Change]:
     """Changes after `last_id`, and every change of the last LOOK_BACK, oldest first."""
-    with db.read() as session:
-        rows = session.execute(
-            select(ChangeEvent.id, ChangeEvent.project_id, ChangeEvent.kind, ChangeEvent.channel)
-            .where((ChangeEvent.id > last_id) | (ChangeEvent.created_at >= utcnow() - LOOK_BACK))
-            .order_by(ChangeEvent.id)
-            .limit(limit)
+    # A plain connection, not a session: a read, rolled back when the connection closes.
+    with db.engine.connect() as connection:
+        rows = connection.execute(
+            _CHANGES_SINCE, {"last_id": last_id, "since": utcnow() - LOOK_BACK, "limit": limit}
         )
         return [
             Change(id=r.id, project_id=r.project_id, kind=r.kind, channel=r.channel) for r in rows
