@@ -20,7 +20,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from koolbase_ota.httpserver import MAX_HEADERS
+from koolbase_ota.httpserver import MAX_HEADERS, replays_of
 from koolbase_ota.sdk.check import CHECK_PATH
 from koolbase_ota.sdk.codepush import CODE_PUSH_PATH
 from tests.api.test_upload import host_port
@@ -182,6 +182,91 @@ def test_pipelined_requests_are_answered_in_order(
     assert len(answers[3].body) == int(answers[3].headers["content-length"])
 
 
+def kept_for_replay(server: RunningServer, sock: socket.socket, raw: bytes) -> Answer:
+    """Send `raw` until the server keeps it for replay (the first answers may be cold: a new
+    project's change, polled meanwhile, drops what the first check cached); the last answer."""
+    for _ in range(20):
+        send(sock, raw)
+        answer = read_answer(sock)
+        if replays_of(server.app).get(raw) is not None:
+            return answer
+    raise AssertionError("the check was never kept for replay")
+
+
+def test_a_repeated_check_is_answered_without_parsing_it_again(
+    http_server: RunningServer, released_project: tuple[Project, dict[str, Any]]
+) -> None:
+    """A read that repeats a whole check request byte for byte is answered from what the
+    parser made of it before, on any connection: the same answer a parsed one gets."""
+    project, offer = released_project
+    raw = request(CHECK_PATH + "?channel=production&version=0", key=project.keys["production"])
+    with connect(http_server) as sock:
+        parsed = kept_for_replay(http_server, sock, raw)
+        send(sock, raw)
+        replayed = read_answer(sock)
+    with connect(http_server) as sock:
+        send(sock, raw)
+        elsewhere = read_answer(sock)
+    for answer in (replayed, elsewhere):
+        assert answer.status == 200
+        assert answer.body == parsed.body
+        assert without_date(answer) == without_date(parsed)
+    assert replayed.json()["checksum"] == offer["checksum"]
+
+
+def test_two_checks_in_one_read_are_both_answered_and_not_kept_as_one(
+    http_server: RunningServer, released_project: tuple[Project, dict[str, Any]]
+) -> None:
+    project, _offer = released_project
+    raw = request(CHECK_PATH + "?channel=staging", key=project.keys["production"])
+    with connect(http_server) as sock:
+        send(sock, raw + raw)
+        answers = read_answers(sock, 2)
+    assert [answer.body for answer in answers] == [b'{"has_update":false}'] * 2
+    assert raw + raw not in replays_of(http_server.app)
+
+
+def test_a_replayed_check_sees_a_new_activation_at_once(http_server: RunningServer) -> None:
+    project, offer = published(http_server, make_zip({"a.txt": b"first"}))
+    raw = request(CHECK_PATH + "?version=0", key=project.keys["production"])
+    with connect(http_server) as sock:
+        assert kept_for_replay(http_server, sock, raw).json()["version"] == offer["version"]
+        with httpx.Client(base_url=http_server.base_url, timeout=30) as client:
+            second = upload(client, project, make_zip({"a.txt": b"second"}))
+            assert second.status_code == 201, second.text
+            activated = client.post(
+                project.path(f"/bundles/{second.json()['id']}/activate"), headers=project.auth
+            )
+            assert activated.status_code == 200, activated.text
+        send(sock, raw)
+        assert read_answer(sock).json()["version"] == second.json()["version"]
+
+
+def test_a_repeated_check_behind_an_unfinished_response_waits_its_turn(tmp_path: Path) -> None:
+    """A repeated check that arrives while the app still works on the request before it, on
+    the same connection, is answered after that request, not before."""
+    running = start_server(tmp_path / "data")
+
+    async def slow() -> dict[str, str]:
+        await asyncio.sleep(0.3)
+        return {"slow": "done"}
+
+    running.app.add_api_route("/test-slow", slow)
+    try:
+        project = new_project(running.db)
+        raw = request(CHECK_PATH, key=project.keys["production"])
+        with connect(running) as sock:
+            kept_for_replay(running, sock, raw)
+            send(sock, request("/test-slow"))
+            time.sleep(0.1)  # the app is on it, and the connection reads on
+            send(sock, raw)
+            first, second = read_answers(sock, 2)
+    finally:
+        running.stop()
+    assert first.json() == {"slow": "done"}
+    assert second.body == b'{"has_update":false}'
+
+
 def test_a_check_with_a_body_keeps_the_connection_in_step(
     http_server: RunningServer, released_project: tuple[Project, dict[str, Any]]
 ) -> None:
@@ -245,12 +330,13 @@ def test_a_connection_is_idle_from_the_end_of_its_last_response(
     with connect(http_server) as sock:
         send(sock, request(offer["download_url"].removeprefix(http_server.base_url)))
         time.sleep(IDLE_SECONDS * 1.5)  # the response waits on us, longer than the timeout
+        # The file's last bytes leave the server while we read: its idle time starts then.
+        reading = time.monotonic()
         download = read_answers(sock, 1)[0]
-        sent = time.monotonic()
         assert download.body == bundle
         assert sock.recv(1) == b""  # closed once idle for the timeout
         # Counted from when the request came, the file's end would already have been too late.
-        assert IDLE_SECONDS * 0.8 <= time.monotonic() - sent < IDLE_SECONDS + 5
+        assert IDLE_SECONDS * 0.8 <= time.monotonic() - reading < IDLE_SECONDS + 5
 
 
 def test_a_malformed_request_gets_a_json_400(http_server: RunningServer) -> None:

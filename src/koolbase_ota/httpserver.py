@@ -5,7 +5,9 @@ more than the whole of a warm check, which needs no I/O. `OTAHttpProtocol` chang
 
 - **Warm checks are answered inside the parser's callbacks**, with no task, scope or message:
   the seed check and the code-push check, when the cache holds all they need (a cold entry
-  goes through the app as any other request, and its database read happens there).
+  goes through the app as any other request, and its database read happens there). A read
+  that repeats, byte for byte, a whole check request seen before (devices of one app send the
+  same bytes) is not even parsed again: what the parser made of it is kept (`replays_of`).
 - **Files go out with sendfile(2)**: the app gets ASGI's `http.response.pathsend` and
   `http.response.zerocopysend` extensions, and the server sends the file, or one range of it,
   without the bytes passing through Python (on the standard asyncio loop, which `serve` uses
@@ -27,6 +29,8 @@ import logging
 import os
 import socket
 import time
+import weakref
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import httptools
@@ -99,6 +103,42 @@ def _head(status: int, endpoint: CheckEndpoint, defaults: list[tuple[bytes, byte
     return head
 
 
+#: Bounds of the parsed checks kept for replay (`OTAHttpProtocol._replay`): entries per
+#: process, and bytes of one request.
+MAX_REPLAYS = 1024
+MAX_REPLAY_BYTES = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """What the parser made of one whole check request: all its answer depends on."""
+
+    endpoint: CheckEndpoint
+    path: bytes
+    query: bytes
+    api_key: str | None
+    headers: list[tuple[bytes, bytes]]
+    http_version: str
+    keep_alive: bool
+
+
+class _NotKept:
+    """What a table of replays holds for bytes it has never seen."""
+
+
+_NOT_KEPT = _NotKept()
+
+#: Whole check requests by their exact bytes, per app: None for one seen once, what the
+#: parser made of it for one seen again (see `OTAHttpProtocol._replay`). Only a request seen
+#: twice is kept parsed, so a stream that never repeats (a device id in each) costs its bytes.
+_replays: weakref.WeakKeyDictionary[Any, dict[bytes, _Parsed | None]] = weakref.WeakKeyDictionary()
+
+
+def replays_of(app: Any) -> dict[bytes, _Parsed | None]:
+    """The check requests kept for `app`'s connections in this process."""
+    return _replays.setdefault(app, {})
+
+
 class _HeadTooLarge(Exception):
     """Raised from a parser callback to stop parsing a request head past its bounds."""
 
@@ -120,8 +160,17 @@ class OTAHttpProtocol(HttpToolsProtocol):
         self.checks: dict[bytes, CheckEndpoint] = {
             path.encode(): endpoint for path, endpoint in app.checks().items()
         }
+        #: Parsed check requests by their exact bytes, shared by the process's connections.
+        self.replays = replays_of(app)
         #: The answer to write once the current request's message is complete.
         self.fast_answer: bytes | None = None
+        #: The endpoint of the check being answered inline.
+        self.fast_endpoint: CheckEndpoint | None = None
+        #: Between two requests (no part of the next one read yet); messages begun in the
+        #: current read; the endpoint of a check it answered inline (see `replays_of`).
+        self.at_boundary = True
+        self.begun = 0
+        self.answered: CheckEndpoint | None = None
         self.api_key: bytes | None = None
         #: Bytes, reads and headers of the request head so far; bytes None once it is complete.
         self.head_bytes: int | None = 0
@@ -176,6 +225,14 @@ class OTAHttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_seen = self.loop.time()
+        from_boundary = self.at_boundary
+        kept: _Parsed | _NotKept | None = _NOT_KEPT
+        if from_boundary and len(data) <= MAX_REPLAY_BYTES:
+            kept = self.replays.get(data, _NOT_KEPT)
+            if isinstance(kept, _Parsed) and self._replay(kept):
+                return
+        self.begun = 0
+        self.answered = None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -188,6 +245,19 @@ class OTAHttpProtocol(HttpToolsProtocol):
             logger.info("malformed HTTP request: %s", type(exc).__name__)
             self._refuse(_BAD_REQUEST)
             return
+        answered = self.answered
+        if (
+            answered is not None
+            and from_boundary
+            and self.begun == 1
+            and self.at_boundary
+            and len(data) <= MAX_REPLAY_BYTES
+        ):
+            # This read was one whole check, parsed from its first byte and answered inline:
+            # the same bytes parse the same again, so they need not be parsed again.
+            if len(self.replays) >= MAX_REPLAYS:
+                self.replays.clear()
+            self.replays[data] = None if kept is _NOT_KEPT else self._parsed(answered)
         if self.head_bytes is not None:
             # Still inside a request head after this read. A read the head began in may also
             # hold the end of the request before it, so only the reads after it count in
@@ -241,6 +311,8 @@ class OTAHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         # uvicorn's, less the scope: a warm check never needs one (see `on_headers_complete`).
+        self.at_boundary = False
+        self.begun += 1
         self.url = b""
         self.expect_100_continue = False
         self.headers = []
@@ -294,13 +366,18 @@ class OTAHttpProtocol(HttpToolsProtocol):
             path, _, query = self.url.partition(b"?")
             endpoint = self.checks.get(path)
             if endpoint is not None:
-                try:
-                    self.fast_answer = self._check(endpoint, query)
-                except Exception:
-                    # Never a broken connection for the hot path: the app answers instead.
-                    logger.exception("the cached check failed; the app answers it")
-                    self.fast_answer = None
+                api_key = None if self.api_key is None else self.api_key.decode("latin-1")
+                self.fast_answer = self._answer(
+                    endpoint,
+                    path,
+                    query,
+                    api_key,
+                    self.headers,
+                    None,
+                    self.parser.should_keep_alive(),
+                )
                 if self.fast_answer is not None:
+                    self.fast_endpoint = endpoint
                     return
         self._new_scope()
         super().on_headers_complete()
@@ -317,11 +394,13 @@ class OTAHttpProtocol(HttpToolsProtocol):
         cycle.message_event.set()
 
     def on_message_complete(self) -> None:
+        self.at_boundary = True
         answer = self.fast_answer
         if answer is None:
             super().on_message_complete()
             return
         self.fast_answer = None
+        self.answered = self.fast_endpoint
         self.transport.write(answer)
         self.server_state.total_requests += 1
         if not self.parser.should_keep_alive():
@@ -329,16 +408,34 @@ class OTAHttpProtocol(HttpToolsProtocol):
 
     # The warm check
 
-    def _check(self, endpoint: CheckEndpoint, query: bytes) -> bytes | None:
-        """The whole response to a check the cache can answer, or None to leave it to the app."""
+    def _answer(
+        self,
+        endpoint: CheckEndpoint,
+        path: bytes,
+        query: bytes,
+        api_key: str | None,
+        headers: list[tuple[bytes, bytes]],
+        http_version: str | None,
+        keep_alive: bool,
+    ) -> bytes | None:
+        """The whole response to a check the cache can answer, or None to leave it to the app
+        (which also answers when the cached check fails: never a broken connection for it).
+        `http_version` None is the request being parsed."""
         started = time.perf_counter()
-        api_key = None if self.api_key is None else self.api_key.decode("latin-1")
         limits = endpoint.limits
-        outcome = endpoint.cached_outcome(
-            api_key,
-            lambda: limits.client_address(self._scope_for_limits()) if limits else "",
-            query,
-        )
+        try:
+            outcome = endpoint.cached_outcome(
+                api_key,
+                lambda: (
+                    limits.client_address({"client": self.client, "headers": headers})
+                    if limits
+                    else ""
+                ),
+                query,
+            )
+        except Exception:
+            logger.exception("the cached check failed; the app answers it")
+            return None
         if outcome is None:
             return None
         status, body, hit, error, retry_after = outcome
@@ -346,18 +443,51 @@ class OTAHttpProtocol(HttpToolsProtocol):
         if retry_after is not None:
             parts.append(b"retry-after: %d\r\n" % retry_after)
         parts.append(b"content-length: %d\r\n" % len(body))
-        if not self.parser.should_keep_alive():
+        if not keep_alive:
             parts.append(b"connection: close\r\n")
         parts += [b"\r\n", body]
         elapsed = time.perf_counter() - started
         endpoint.tally.record(status, elapsed, hit=hit, error=error)
         if self.access_log:
-            path = self.url.partition(b"?")[0].decode("latin-1")
-            self._log_access("GET", path, self.parser.get_http_version(), status, elapsed)
+            version = http_version or self.parser.get_http_version()
+            self._log_access("GET", path.decode("latin-1"), version, status, elapsed)
         return b"".join(parts)
 
-    def _scope_for_limits(self) -> Scope:
-        return {"client": self.client, "headers": self.headers}
+    def _parsed(self, endpoint: CheckEndpoint) -> _Parsed:
+        """What the parser made of the request just answered inline, for `_replay`."""
+        path, _, query = self.url.partition(b"?")
+        return _Parsed(
+            endpoint=endpoint,
+            path=path,
+            query=query,
+            api_key=None if self.api_key is None else self.api_key.decode("latin-1"),
+            headers=self.headers,
+            http_version=self.parser.get_http_version(),
+            keep_alive=self.parser.should_keep_alive(),
+        )
+
+    def _replay(self, parsed: _Parsed) -> bool:
+        """Answer a read that repeats a whole check request already parsed, byte for byte,
+        without parsing it again; False to parse it after all (an app request still in
+        flight on this connection, or an answer the cache cannot give)."""
+        if (self.cycle is not None and not self.cycle.response_complete) or self.pipeline:
+            return False
+        answer = self._answer(
+            parsed.endpoint,
+            parsed.path,
+            parsed.query,
+            parsed.api_key,
+            parsed.headers,
+            parsed.http_version,
+            parsed.keep_alive,
+        )
+        if answer is None:
+            return False
+        self.transport.write(answer)
+        self.server_state.total_requests += 1
+        if not parsed.keep_alive:
+            self.transport.close()
+        return True
 
     def _log_access(
         self, method: str, path: str, http_version: str, status: int, seconds: float
