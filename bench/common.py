@@ -33,6 +33,9 @@ APT_INSTALL = ["apt-get", "install", "-y", "nginx", "wrk"]
 #: Where Debian puts nginx; /usr/sbin is not on every user's PATH.
 _SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 LOG_TAIL_CHARS = 3000
+WRK_TAIL_SCRIPT = REPO / "bench" / "wrk_tail.lua"
+WRK_VARY_SCRIPT = REPO / "bench" / "wrk_vary.lua"
+STALL_PROBE = REPO / "bench" / "stallprobe"
 MIB = 1024 * 1024
 
 
@@ -475,9 +478,10 @@ class WrkResult:
         p50 = self.latency_ms.get("50", float("nan"))
         p99 = self.latency_ms.get("99", float("nan"))
         errors = sum(self.socket_errors.values()) if expect_non_2xx else self.errors
+        tail = f" p99.9 {self.latency_ms['99.9']:6.2f} ms" if "99.9" in self.latency_ms else ""
         return (
             f"{self.requests_per_second:10.0f} req/s {self.mib_per_second:9.1f} MiB/s "
-            f"p50 {p50:7.2f} ms p99 {p99:7.2f} ms errors {errors}"
+            f"p50 {p50:7.2f} ms p99 {p99:7.2f} ms{tail} errors {errors}"
         )
 
 
@@ -525,6 +529,9 @@ def parse_wrk(output: str, url: str) -> WrkResult:
         result.socket_errors = dict(
             zip(("connect", "read", "write", "timeout"), map(int, errors.groups()), strict=True)
         )
+    tail = re.search(r"^tail: (.*)$", output, flags=re.MULTILINE)
+    for percent, micros in re.findall(r"([\d.]+)% (\d+)us", tail[1] if tail else ""):
+        result.latency_ms[percent] = int(micros) / 1000
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     if non_2xx:
         result.non_2xx_3xx = int(non_2xx[1])
@@ -539,14 +546,21 @@ def run_wrk(
     threads: int = 2,
     connections: int = 64,
     timeout_seconds: int | None = None,
+    script: Path | None = None,
 ) -> WrkResult:
-    """``wrk -t2 -c64 -dNs --latency [-H header]... URL`` and its parsed report."""
+    """``wrk -t2 -c64 -dNs --latency [-s script] [-H header]... URL`` and its parsed report.
+
+    ``WRK_TAIL_SCRIPT`` adds p99.9 and p99.99 to the report; it defines no per-request function,
+    so the load is the same. ``WRK_VARY_SCRIPT`` does too, and makes every request different.
+    """
     wrk = find_tool("wrk")
     if wrk is None:
         raise BenchError("wrk not found; call require_nginx_and_wrk() first")
     args = [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
     if timeout_seconds is not None:
         args.append(f"--timeout={timeout_seconds}s")
+    if script is not None:
+        args += ["-s", str(script)]
     for header in headers:
         args += ["-H", header]
     result = subprocess.run(
@@ -558,12 +572,18 @@ def run_wrk(
 
 
 def wrk_command(
-    *, seconds: int, headers: Sequence[str] = (), timeout_seconds: int | None = None
+    *,
+    seconds: int,
+    headers: Sequence[str] = (),
+    timeout_seconds: int | None = None,
+    script: Path | None = None,
 ) -> str:
     """The wrk command line as a reader would type it, for reports."""
     parts = ["wrk", "-t2", "-c64", f"-d{seconds}s", "--latency"]
     if timeout_seconds is not None:
         parts.append(f"--timeout={timeout_seconds}s")
+    if script is not None:
+        parts += ["-s", str(script.relative_to(REPO))]
     parts += [f"-H '{header}'" for header in headers]
     return " ".join(parts) + " URL"
 
@@ -571,3 +591,40 @@ def wrk_command(
 def verdict(ok: bool) -> str:
     """PASS or FAIL."""
     return "PASS" if ok else "FAIL"
+
+
+# --------------------------------------------------------------------------------------------
+# the stall probe (bench/stallprobe)
+
+
+def probe_env(directory: Path) -> dict[str, str]:
+    """What a server's environment needs for `bench/stallprobe` to log into ``directory``."""
+    path = os.pathsep.join(filter(None, [str(STALL_PROBE), os.environ.get("PYTHONPATH")]))
+    return {"PYTHONPATH": path, "KOOLBASE_BENCH_PROBE_DIR": str(directory)}
+
+
+def stall_report(directory: Path, pids: Sequence[int], start: float, end: float) -> list[str]:
+    """One line a process: what its stall log holds between ``start`` and ``end`` (epoch s).
+
+    A long iteration whose longest callback took most of it is counted as "one callback":
+    that callback was slow, or the process lost its core while running it.
+    """
+    lines = []
+    for pid in pids:
+        log = directory / f"stalls.{pid}.jsonl"
+        if not log.exists():
+            continue
+        events = [json.loads(line) for line in log.read_text().splitlines() if line]
+        events = [event for event in events if start <= event["at"] <= end]
+        busy = [event for event in events if event["kind"] == "busy"]
+        collections = [event for event in events if event["kind"] == "gc"]
+        one = sum(1 for event in busy if event["worst_ms"] > event["ms"] / 2)
+        longest = max((event["ms"] for event in busy), default=0.0)
+        slowest_gc = max((event["ms"] for event in collections), default=0.0)
+        lines.append(
+            f"pid {pid}: {len(busy)} iterations over 4 ms "
+            f"({sum(1 for event in busy if event['ms'] > 12)} over 12 ms, longest "
+            f"{longest:.1f} ms, {one} of them one callback); {len(collections)} collections "
+            f"over 2 ms (longest {slowest_gc:.1f} ms)"
+        )
+    return lines
