@@ -606,15 +606,17 @@ def probe_env(directory: Path) -> dict[str, str]:
 def stall_report(directory: Path, pids: Sequence[int], start: float, end: float) -> list[str]:
     """One line a process: what its stall log holds between ``start`` and ``end`` (epoch s).
 
-    A long iteration whose longest callback took most of it is counted as "one callback":
+    Processes that never logged anything (the supervisor, which runs no event loop) are left
+    out. A long iteration whose longest callback took most of it is counted as "one callback":
     that callback was slow, or the process lost its core while running it.
     """
     lines = []
     for pid in pids:
         log = directory / f"stalls.{pid}.jsonl"
-        if not log.exists():
+        logged = log.read_text().splitlines() if log.exists() else []
+        if not logged:
             continue
-        events = [json.loads(line) for line in log.read_text().splitlines() if line]
+        events = [json.loads(line) for line in logged if line]
         events = [event for event in events if start <= event["at"] <= end]
         busy = [event for event in events if event["kind"] == "busy"]
         collections = [event for event in events if event["kind"] == "gc"]
