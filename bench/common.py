@@ -606,17 +606,18 @@ def probe_env(directory: Path) -> dict[str, str]:
 def stall_report(directory: Path, pids: Sequence[int], start: float, end: float) -> list[str]:
     """One line a process: what its stall log holds between ``start`` and ``end`` (epoch s).
 
-    Processes that never logged anything (the supervisor, which runs no event loop) are left
-    out. A long iteration whose longest callback took most of it is counted as "one callback":
-    that callback was slow, or the process lost its core while running it.
+    Processes that never logged an event-loop iteration (the supervisor and the resource
+    tracker run none; a worker's start-up always logs one) are left out. A long iteration whose
+    longest callback took most of it is counted as "one callback": that callback was slow, or
+    the process lost its core while running it.
     """
     lines = []
     for pid in pids:
         log = directory / f"stalls.{pid}.jsonl"
         logged = log.read_text().splitlines() if log.exists() else []
-        if not logged:
-            continue
         events = [json.loads(line) for line in logged if line]
+        if not any(event["kind"] == "busy" for event in events):
+            continue
         events = [event for event in events if start <= event["at"] <= end]
         busy = [event for event in events if event["kind"] == "busy"]
         collections = [event for event in events if event["kind"] == "gc"]
