@@ -164,10 +164,8 @@ class OTAHttpProtocol(HttpToolsProtocol):
         self.replays = replays_of(app)
         #: The answer to write once the current request's message is complete.
         self.fast_answer: bytes | None = None
-        #: The endpoint of the check being answered inline.
-        self.fast_endpoint: CheckEndpoint | None = None
         #: Between two requests (no part of the next one read yet); messages begun in the
-        #: current read; the endpoint of a check it answered inline (see `replays_of`).
+        #: current read; the endpoint of a check it answers inline (see `replays_of`).
         self.at_boundary = True
         self.begun = 0
         self.answered: CheckEndpoint | None = None
@@ -225,9 +223,10 @@ class OTAHttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_seen = self.loop.time()
-        from_boundary = self.at_boundary
+        # A read that may be one whole request, from its first byte.
+        replayable = self.at_boundary and len(data) <= MAX_REPLAY_BYTES
         kept: _Parsed | _NotKept | None = _NOT_KEPT
-        if from_boundary and len(data) <= MAX_REPLAY_BYTES:
+        if replayable:
             kept = self.replays.get(data, _NOT_KEPT)
             if isinstance(kept, _Parsed) and self._replay(kept):
                 return
@@ -246,13 +245,7 @@ class OTAHttpProtocol(HttpToolsProtocol):
             self._refuse(_BAD_REQUEST)
             return
         answered = self.answered
-        if (
-            answered is not None
-            and from_boundary
-            and self.begun == 1
-            and self.at_boundary
-            and len(data) <= MAX_REPLAY_BYTES
-        ):
+        if answered is not None and replayable and self.begun == 1 and self.at_boundary:
             # This read was one whole check, parsed from its first byte and answered inline:
             # the same bytes parse the same again, so they need not be parsed again.
             if len(self.replays) >= MAX_REPLAYS:
@@ -377,7 +370,7 @@ class OTAHttpProtocol(HttpToolsProtocol):
                     self.parser.should_keep_alive(),
                 )
                 if self.fast_answer is not None:
-                    self.fast_endpoint = endpoint
+                    self.answered = endpoint
                     return
         self._new_scope()
         super().on_headers_complete()
@@ -400,7 +393,6 @@ class OTAHttpProtocol(HttpToolsProtocol):
             super().on_message_complete()
             return
         self.fast_answer = None
-        self.answered = self.fast_endpoint
         self.transport.write(answer)
         self.server_state.total_requests += 1
         if not self.parser.should_keep_alive():
