@@ -20,7 +20,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from koolbase_ota.httpserver import MAX_HEADERS, replays_of
+from koolbase_ota.httpserver import MAX_HEADERS, _render, replays_of
 from koolbase_ota.sdk.check import CHECK_PATH
 from koolbase_ota.sdk.codepush import CODE_PUSH_PATH
 from tests.api.test_upload import host_port
@@ -240,6 +240,50 @@ def test_a_replayed_check_sees_a_new_activation_at_once(http_server: RunningServ
             assert activated.status_code == 200, activated.text
         send(sock, raw)
         assert read_answer(sock).json()["version"] == second.json()["version"]
+
+
+def test_a_check_answer_is_rendered_once_per_body_and_date(http_server: RunningServer) -> None:
+    """The same body under the same default headers (the date) is the same answer, not
+    rendered again; a new date, body or keep-alive renders anew, and a 429's is never kept."""
+    endpoint = http_server.app.checks()[CHECK_PATH]
+    first = [(b"date", b"Thu, 26 Nov 2026 12:00:00 GMT")]
+    body = b'{"has_update":false}'
+    answer = _render(200, endpoint, first, body, True, None)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\ndate: Thu, 26 Nov 2026 12:00:00 GMT\r\n")
+    assert answer.endswith(b"content-length: 20\r\n\r\n" + body)
+    assert _render(200, endpoint, first, body, True, None) is answer
+
+    closing = _render(200, endpoint, first, body, False, None)
+    assert closing == answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n")
+    equal_body = bytes(bytearray(body))
+    assert _render(200, endpoint, first, equal_body, True, None) == answer
+
+    later = [(b"date", b"Thu, 26 Nov 2026 12:00:01 GMT")]
+    renewed = _render(200, endpoint, later, body, True, None)
+    assert renewed == answer.replace(b"12:00:00", b"12:00:01")
+
+    limited = _render(429, endpoint, later, body, True, 7)
+    assert b"\r\nretry-after: 7\r\ncontent-length: 20\r\n" in limited
+    assert _render(429, endpoint, later, body, True, 3) != limited
+
+
+def test_a_replayed_check_carries_the_current_date(
+    http_server: RunningServer, released_project: tuple[Project, dict[str, Any]]
+) -> None:
+    project, _offer = released_project
+    raw = request(CHECK_PATH + "?channel=production&version=0", key=project.keys["production"])
+    with connect(http_server) as sock:
+        first = kept_for_replay(http_server, sock, raw)
+        deadline = time.monotonic() + 10
+        while True:
+            send(sock, raw)
+            answer = read_answer(sock)
+            if answer.headers["date"] != first.headers["date"]:
+                break
+            assert time.monotonic() < deadline, "the answer's date never moved"
+            time.sleep(0.05)
+    assert answer.body == first.body
+    assert without_date(answer) == without_date(first)
 
 
 def test_a_repeated_check_behind_an_unfinished_response_waits_its_turn(tmp_path: Path) -> None:

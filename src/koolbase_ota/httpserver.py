@@ -83,24 +83,50 @@ _HEAD_TOO_LARGE = _error_response(
 )
 
 
-#: Status line and fixed headers of the checks' answers, by (status, endpoint); rebuilt when
-#: uvicorn renews its default headers (the date, once a second).
+#: Status line and fixed headers of the checks' answers, by (status, endpoint); and whole
+#: answers by (status, endpoint, body, keep-alive), holding their body, so that an answer the
+#: check cache reuses (`CheckEndpoint.cached_outcome`) is not rendered again. Both are for
+#: uvicorn's current default headers, and emptied when it renews them (the date, once a second).
 _heads: dict[tuple[int, int], bytes] = {}
-_heads_for: list[list[tuple[bytes, bytes]]] = [[]]
+_answers: dict[tuple[int, int, int, bool], tuple[bytes, bytes]] = {}
+_rendered_for: list[list[tuple[bytes, bytes]]] = [[]]
+#: Whole answers kept at most (within one second).
+MAX_RENDERED = 1024
 
 
-def _head(status: int, endpoint: CheckEndpoint, defaults: list[tuple[bytes, bytes]]) -> bytes:
-    if _heads_for[0] is not defaults:
+def _render(
+    status: int,
+    endpoint: CheckEndpoint,
+    defaults: list[tuple[bytes, bytes]],
+    body: bytes,
+    keep_alive: bool,
+    retry_after: int | None,
+) -> bytes:
+    """A check's whole answer; one without `retry_after` (all but a 429) is kept."""
+    if _rendered_for[0] is not defaults:
         _heads.clear()
-        _heads_for[0] = defaults
-    key = (status, id(endpoint))
-    head = _heads.get(key)
+        _answers.clear()
+        _rendered_for[0] = defaults
+    key = (status, id(endpoint), id(body), keep_alive)
+    if retry_after is None:
+        found = _answers.get(key)
+        if found is not None and found[0] is body:
+            return found[1]
+    head = _heads.get(key[:2])
     if head is None:
         parts = [STATUS_LINE[status]]
         for name, value in [*defaults, *endpoint.headers]:
             parts += [name, b": ", value, b"\r\n"]
-        head = _heads[key] = b"".join(parts)
-    return head
+        head = _heads[key[:2]] = b"".join(parts)
+    wait = b"" if retry_after is None else b"retry-after: %d\r\n" % retry_after
+    close = b"" if keep_alive else b"connection: close\r\n"
+    answer = b"%s%scontent-length: %d\r\n%s\r\n%s" % (head, wait, len(body), close, body)
+    if retry_after is None:
+        if len(_answers) >= MAX_RENDERED:
+            _answers.clear()
+        # The entry holds the body, so no other object can take its id while it is kept.
+        _answers[key] = (body, answer)
+    return answer
 
 
 #: Bounds of the parsed checks kept for replay (`OTAHttpProtocol._replay`): entries per
@@ -175,9 +201,9 @@ class OTAHttpProtocol(HttpToolsProtocol):
         self.head_reads = 0
         self.head_headers = 0
         self.head_timer: asyncio.TimerHandle | None = None
-        #: When the client last sent something or its last response ended (loop time), and the
-        #: one idle timer that checks it: cheaper than uvicorn's timer re-armed after every
-        #: response.
+        #: When the client last sent something or its last response ended (`time.monotonic`,
+        #: the loop's clock), and the one idle timer that checks it: cheaper than uvicorn's
+        #: timer re-armed after every response.
         self.last_seen = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
 
@@ -193,7 +219,7 @@ class OTAHttpProtocol(HttpToolsProtocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._arm_head_timer()
-        self.last_seen = self.loop.time()
+        self.last_seen = time.monotonic()
         self.idle_timer = self.loop.call_later(self.timeout_keep_alive, self._idle_check)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -208,7 +234,7 @@ class OTAHttpProtocol(HttpToolsProtocol):
         self.idle_timer = None
         if self.transport.is_closing():
             return
-        idle = self.loop.time() - self.last_seen
+        idle = time.monotonic() - self.last_seen
         # A request in flight, or one whose head is arriving (the header timeout's case).
         busy = (
             (self.cycle is not None and not self.cycle.response_complete)
@@ -222,7 +248,7 @@ class OTAHttpProtocol(HttpToolsProtocol):
         self.idle_timer = self.loop.call_later(wait, self._idle_check)
 
     def data_received(self, data: bytes) -> None:
-        self.last_seen = self.loop.time()
+        self.last_seen = time.monotonic()
         # A read that may be one whole request, from its first byte.
         replayable = self.at_boundary and len(data) <= MAX_REPLAY_BYTES
         kept: _Parsed | _NotKept | None = _NOT_KEPT
@@ -270,7 +296,7 @@ class OTAHttpProtocol(HttpToolsProtocol):
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
-        self.last_seen = self.loop.time()
+        self.last_seen = time.monotonic()
         self.flow.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
@@ -418,11 +444,7 @@ class OTAHttpProtocol(HttpToolsProtocol):
         try:
             outcome = endpoint.cached_outcome(
                 api_key,
-                lambda: (
-                    limits.client_address({"client": self.client, "headers": headers})
-                    if limits
-                    else ""
-                ),
+                lambda: limits.peer_address(self.client, headers) if limits else "",
                 query,
             )
         except Exception:
@@ -431,19 +453,14 @@ class OTAHttpProtocol(HttpToolsProtocol):
         if outcome is None:
             return None
         status, body, hit, error, retry_after = outcome
-        parts = [_head(status, endpoint, self.server_state.default_headers)]
-        if retry_after is not None:
-            parts.append(b"retry-after: %d\r\n" % retry_after)
-        parts.append(b"content-length: %d\r\n" % len(body))
-        if not keep_alive:
-            parts.append(b"connection: close\r\n")
-        parts += [b"\r\n", body]
+        defaults = self.server_state.default_headers
+        answer = _render(status, endpoint, defaults, body, keep_alive, retry_after)
         elapsed = time.perf_counter() - started
         endpoint.tally.record(status, elapsed, hit=hit, error=error)
         if self.access_log:
             version = http_version or self.parser.get_http_version()
             self._log_access("GET", path.decode("latin-1"), version, status, elapsed)
-        return b"".join(parts)
+        return answer
 
     def _parsed(self, endpoint: CheckEndpoint) -> _Parsed:
         """What the parser made of the request just answered inline, for `_replay`."""

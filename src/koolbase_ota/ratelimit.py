@@ -253,14 +253,17 @@ class RateLimits:
     def client_address(self, scope: Scope) -> str:
         """The ASGI connection's peer, or, when that peer is a trusted proxy, the rightmost
         `X-Forwarded-For` entry that is not a trusted proxy itself."""
-        client = scope.get("client")
+        return self.peer_address(scope.get("client"), scope["headers"])
+
+    def peer_address(
+        self, client: tuple[str, int] | None, headers: Sequence[tuple[bytes, bytes]]
+    ) -> str:
+        """`client_address` from a connection's peer and a request's headers (lowercased)."""
         peer: str = client[0] if client else ""
         if not self.trusted_proxies or not self._trusted(peer):
             return peer
         forwarded = [
-            value.decode("latin-1")
-            for name, value in scope["headers"]
-            if name == b"x-forwarded-for"
+            value.decode("latin-1") for name, value in headers if name == b"x-forwarded-for"
         ]
         return self._forwarded_client(peer, forwarded)
 
