@@ -20,7 +20,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from koolbase_ota.httpserver import MAX_HEADERS, _render, replays_of
+from koolbase_ota.httpserver import MAX_HEADERS, render_answer, replays_of
 from koolbase_ota.sdk.check import CHECK_PATH
 from koolbase_ota.sdk.codepush import CODE_PUSH_PATH
 from tests.api.test_upload import host_port
@@ -248,23 +248,23 @@ def test_a_check_answer_is_rendered_once_per_body_and_date(http_server: RunningS
     endpoint = http_server.app.checks()[CHECK_PATH]
     first = [(b"date", b"Thu, 26 Nov 2026 12:00:00 GMT")]
     body = b'{"has_update":false}'
-    answer = _render(200, endpoint, first, body, True, None)
+    answer = render_answer(200, endpoint, first, body, True, None)
     assert answer.startswith(b"HTTP/1.1 200 OK\r\ndate: Thu, 26 Nov 2026 12:00:00 GMT\r\n")
     assert answer.endswith(b"content-length: 20\r\n\r\n" + body)
-    assert _render(200, endpoint, first, body, True, None) is answer
+    assert render_answer(200, endpoint, first, body, True, None) is answer
 
-    closing = _render(200, endpoint, first, body, False, None)
+    closing = render_answer(200, endpoint, first, body, False, None)
     assert closing == answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n")
     equal_body = bytes(bytearray(body))
-    assert _render(200, endpoint, first, equal_body, True, None) == answer
+    assert render_answer(200, endpoint, first, equal_body, True, None) == answer
 
     later = [(b"date", b"Thu, 26 Nov 2026 12:00:01 GMT")]
-    renewed = _render(200, endpoint, later, body, True, None)
+    renewed = render_answer(200, endpoint, later, body, True, None)
     assert renewed == answer.replace(b"12:00:00", b"12:00:01")
 
-    limited = _render(429, endpoint, later, body, True, 7)
+    limited = render_answer(429, endpoint, later, body, True, 7)
     assert b"\r\nretry-after: 7\r\ncontent-length: 20\r\n" in limited
-    assert _render(429, endpoint, later, body, True, 3) != limited
+    assert render_answer(429, endpoint, later, body, True, 3) != limited
 
 
 def test_a_replayed_check_carries_the_current_date(

@@ -94,7 +94,7 @@ _rendered_for: list[list[tuple[bytes, bytes]]] = [[]]
 MAX_RENDERED = 1024
 
 
-def _render(
+def render_answer(
     status: int,
     endpoint: CheckEndpoint,
     defaults: list[tuple[bytes, bytes]],
@@ -102,7 +102,9 @@ def _render(
     keep_alive: bool,
     retry_after: int | None,
 ) -> bytes:
-    """A check's whole answer; one without `retry_after` (all but a 429) is kept."""
+    """A check's whole answer: the status line, `defaults` (uvicorn's default headers, the date
+    among them), the endpoint's headers and the body. One without `retry_after` (all but a 429)
+    is kept, and the same bytes come back for the same body and `defaults`."""
     if _rendered_for[0] is not defaults:
         _heads.clear()
         _answers.clear()
@@ -454,7 +456,7 @@ class OTAHttpProtocol(HttpToolsProtocol):
             return None
         status, body, hit, error, retry_after = outcome
         defaults = self.server_state.default_headers
-        answer = _render(status, endpoint, defaults, body, keep_alive, retry_after)
+        answer = render_answer(status, endpoint, defaults, body, keep_alive, retry_after)
         elapsed = time.perf_counter() - started
         endpoint.tally.record(status, elapsed, hit=hit, error=error)
         if self.access_log:
