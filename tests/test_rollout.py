@@ -63,6 +63,18 @@ def test_missing_parts_are_zero() -> None:
     assert targeting.version_key("2.4") == targeting.version_key("2.4.0.0")
 
 
+def test_a_device_app_version_is_parsed_once_and_the_kept_parses_are_bounded() -> None:
+    """Every code-push check parses its `app_version`, and a fleet sends a few: each is kept,
+    up to a bound, so a flood of invented versions costs bounded memory."""
+    targeting.device_app_version.cache_clear()
+    assert targeting.device_app_version("2.10.1") == (2, 10, 1, 0)
+    assert targeting.device_app_version("2.10.1") == (2, 10, 1, 0)
+    assert targeting.device_app_version.cache_info().hits == 1
+    for n in range(targeting.DEVICE_APP_VERSIONS_KEPT + 10):
+        assert targeting.device_app_version(f"1.{n}") == (1, n, 0, 0)
+    assert targeting.device_app_version.cache_info().currsize == targeting.DEVICE_APP_VERSIONS_KEPT
+
+
 @pytest.mark.parametrize(
     "text", ["", " ", "2.", ".2", "2..4", "a", "1.2.3.4.5", "1234567", "2.4-b"]
 )

@@ -7,6 +7,7 @@ numerically part by part with missing parts as 0, so `2.10.0 > 2.9.0` and `2.4 =
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import uuid
@@ -82,6 +83,12 @@ def parse_rollout_percentage(value: object) -> int:
     return number
 
 
+#: Distinct `app_version` strings whose parse is kept: a fleet runs a few versions of its app,
+#: and a code-push check parses one on every call.
+DEVICE_APP_VERSIONS_KEPT = 1024
+
+
+@functools.lru_cache(maxsize=DEVICE_APP_VERSIONS_KEPT)
 def device_app_version(value: str) -> VersionKey | None:
     """A device's `app_version` as sent, or None when it is not a dotted numeric version."""
     if value.isascii() and _APP_VERSION.fullmatch(value):

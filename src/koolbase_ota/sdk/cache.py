@@ -62,7 +62,7 @@ MAX_HISTORY = 100
 MAX_RECALLED = 1000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Device:
     """What a device says about itself; None where it says nothing."""
 

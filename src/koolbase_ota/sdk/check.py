@@ -114,7 +114,7 @@ def parse_version(raw: str | None) -> int | None:
 _MISSING: Any = object()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CheckRequest:
     """What a check asks, as both checks name it: the key, the channel (its default
     applied), the device's bundle version (and the error code when it is not a number)."""
@@ -128,7 +128,7 @@ class CheckRequest:
     device_id: str | None
 
 
-@dataclass
+@dataclass(slots=True)
 class Resolved:
     """A check's request, understood: the channel's cached state and the device."""
 
