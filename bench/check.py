@@ -9,8 +9,9 @@ the repository root:
 
 Every wrk run, ours and nginx's, also reports p99.9 (`bench/wrk_tail.lua`). wrk sends the same
 bytes every time, which a server may answer without parsing them again (ours does, as it does for
-devices of one app); the last case makes every request different (`bench/wrk_vary.lua`, on
-nginx too) to show the check without that. `--probe` loads
+devices of one app); the "varied" case makes every request different (`bench/wrk_vary.lua`,
+on nginx too) to show the check without that, and the code-push case gives every request a
+device id of its own (`bench/wrk_devices.lua`), as a fleet does. `--probe` loads
 `bench/stallprobe` into the server's processes and prints, after each case, their event-loop
 iterations over 4 ms and garbage collections over 2 ms during our run. `--rounds N` runs each
 pair N times, nginx first and ours first in turn, and sums up per case how many runs met the
@@ -132,6 +133,17 @@ def measure(
             script=common.WRK_VARY_SCRIPT,
             as_fast_as_offered=False,
         ),
+        # The later SDKs' check, every request from another device (its `device_id`): no
+        # answer of one is reused for the next, as in a fleet.
+        Case(
+            "code-push, devices",
+            "/v1/code-push/check?channel=production&current_bundle=0&app_version=1.2.0"
+            "&platform=android",
+            (f"x-api-key: {key}",),
+            200,
+            script=common.WRK_DEVICES_SCRIPT,
+            as_fast_as_offered=False,
+        ),
     ]
     root = tmp / "static"
     root.mkdir()
@@ -145,6 +157,7 @@ def measure(
     print(f"server: {server.describe()}")
     print(f"load:   {common.wrk_command(seconds=seconds, script=common.WRK_TAIL_SCRIPT)}")
     print(f"varied: {common.wrk_command(seconds=seconds, script=common.WRK_VARY_SCRIPT)}")
+    print(f"devices: {common.wrk_command(seconds=seconds, script=common.WRK_DEVICES_SCRIPT)}")
     failed = False
     # A short warm-up of ours first (imports, first allocations), as nginx needs none.
     common.run_wrk(server.base_url + cases[0].path, seconds=2, headers=cases[0].headers)

@@ -35,6 +35,7 @@ _SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 LOG_TAIL_CHARS = 3000
 WRK_TAIL_SCRIPT = REPO / "bench" / "wrk_tail.lua"
 WRK_VARY_SCRIPT = REPO / "bench" / "wrk_vary.lua"
+WRK_DEVICES_SCRIPT = REPO / "bench" / "wrk_devices.lua"
 STALL_PROBE = REPO / "bench" / "stallprobe"
 MIB = 1024 * 1024
 
