@@ -17,7 +17,9 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 
+from koolbase_ota.bundles import targeting
 from koolbase_ota.sdk.cache import ANSWER_REUSE_SECONDS
+from koolbase_ota.sdk.check import without_device
 from tests.conftest import Project, RunningServer, new_project, released, start_server
 from tests.services import PostgresService
 
@@ -232,14 +234,83 @@ def test_identical_checks_reuse_the_answer_for_at_most_a_second_and_not_across_a
     assert endpoint is not None
     client.get(CHECK, headers=project.key())  # cold: loads the channel
     first = client.get(CHECK, headers=project.key())
-    (generation, until, answer) = endpoint.answers[(project.keys["production"], b"")]
+    (generation, until, answer, any_device) = endpoint.answers[(project.keys["production"], b"")]
     assert answer[1] == first.content
     assert generation == server.context.check_cache.generation
     assert 0 < until - time.monotonic() <= ANSWER_REUSE_SECONDS
+    assert any_device  # no release rolled out to a share of devices
     path = project.path(f"/bundles/{bundle['id']}")
     assert client.patch(path, headers=project.auth, json={"mandatory": True}).status_code == 200
     # The change bumped the generation: the reused answer is not handed out again.
     assert client.get(CHECK, headers=project.key()).json()["mandatory"] is True
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"channel=a&device_id=d-1&platform=ios", (b"channel=a&platform=ios", "d-1")),
+        (b"device_id=d-1", (b"", "d-1")),
+        (b"device_id=", (b"", "")),
+        (b"channel=a", None),
+        (b"xdevice_id=d-1", None),
+        (b"device_id=d-1&device_id=d-2", None),
+        (b"device_id=d-1&device_id", None),
+        (b"device_id=d%2D1", None),
+        (b"channel=a+b&device_id=d-1", None),
+        ("device_id=d-1", None),
+    ],
+)
+def test_a_query_without_its_device_id(
+    raw: bytes | str, expected: tuple[bytes, str] | None
+) -> None:
+    assert without_device(raw) == expected
+
+
+def test_devices_share_a_reused_answer_only_while_nothing_is_rolled_out(
+    server: RunningServer, client: httpx.Client, project: Project
+) -> None:
+    """A fleet's code-push checks differ by device id alone: the answer is kept once for all
+    of them while no release is rolled out to a share of devices, and per device once one
+    is, without ever handing one device's answer to another."""
+    bundle = released(client, project)
+    endpoint = server.app.code_push_endpoint
+    assert endpoint is not None
+    base = {"channel": "production", "current_bundle": "0"}
+    devices = [f"device-{n}" for n in range(40)]
+
+    def ask(device: str) -> httpx.Response:
+        return client.get(
+            "/v1/code-push/check", params={**base, "device_id": device}, headers=project.key()
+        )
+
+    def kept_per_device() -> list[bytes | str]:
+        """The kept answers whose query names one of `devices`."""
+        return [query for (_key, query) in endpoint.answers if "device_id=device-" in str(query)]
+
+    ask(devices[0])  # cold: loads the channel
+    endpoint.answers.clear()
+    answers = {ask(device).content for device in devices}
+    assert len(answers) == 1
+    assert b"update_available" in answers.pop()
+    assert kept_per_device() == []
+    assert endpoint.answers[(project.keys["production"], b"channel=production&current_bundle=0")]
+    # A device id the check refuses is refused though the shared answer is kept.
+    refused = ask("d" * (targeting.MAX_DEVICE_ID_CHARS + 1))
+    assert refused.status_code == 400
+    assert refused.json()["code"] == "invalid_device_id"
+
+    path = project.path(f"/bundles/{bundle['id']}")
+    patched = client.patch(path, headers=project.auth, json={"rollout_percentage": 50})
+    assert patched.status_code == 200
+    inside = [d for d in devices if targeting.in_rollout(d, bundle["id"], 50)]
+    outside = [d for d in devices if d not in inside]
+    assert inside
+    assert outside
+    for _ in range(3):
+        for device in [*inside[:5], *outside[:5]]:
+            status = ask(device).json()["status"]
+            assert status == ("update_available" if device in inside else "no_update"), device
+    assert len(kept_per_device()) == 10
 
 
 def test_changes_reach_the_cached_answer_at_once_in_this_process(

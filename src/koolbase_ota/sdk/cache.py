@@ -11,6 +11,7 @@ polls it every `refresh_seconds`. When the database is down, cached entries keep
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import json
@@ -174,6 +175,12 @@ class ChannelState:
     def offer(self) -> Release | None:
         """The head: the channel's active bundle."""
         return self.releases[0] if self.releases else None
+
+    @functools.cached_property
+    def device_free(self) -> bool:
+        """No release is rolled out to a share of devices: a device's id changes no answer.
+        (A state is never changed in place: a change to the channel loads a new one.)"""
+        return all(release.rollout_percentage >= 100 for release in self.releases)
 
     def choose(self, current_version: int, device: Device) -> tuple[Release | None, bool]:
         """(release, rollback): what to offer a device on `current_version`.

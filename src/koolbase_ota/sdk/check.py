@@ -80,6 +80,28 @@ Outcome = tuple[int, bytes, bool, str | None, int | None]
 #: Bounds of the reused answers (`CheckEndpoint.cached_outcome`): entries, and request size.
 _MAX_REUSED = 10_000
 _MAX_REUSED_REQUEST = 512
+_DEVICE_ID_FIELD = b"device_id="
+
+
+def without_device(raw_query: bytes | str) -> tuple[bytes, str] | None:
+    """A raw query with exactly one `device_id`, plainly written: the query without it, and
+    the id. None for any other (none, several, percent-encoded, a string query)."""
+    if not isinstance(raw_query, bytes) or b"%" in raw_query or b"+" in raw_query:
+        return None
+    others = []
+    device = None
+    for part in raw_query.split(b"&"):
+        if part.startswith(_DEVICE_ID_FIELD):
+            if device is not None:
+                return None
+            device = part[len(_DEVICE_ID_FIELD) :]
+        elif part == b"device_id":
+            return None
+        else:
+            others.append(part)
+    if device is None:
+        return None
+    return b"&".join(others), device.decode("latin-1")
 
 
 def parse_device(
@@ -243,8 +265,9 @@ class CheckEndpoint:
         self.headers = _JSON_HEADERS + (extra_headers or [])
         # No limit configured: not even the call, the check is the hot path.
         self.limits = limits if limits is not None and limits.limits_checks else None
-        #: (key, raw query) -> (cache generation, reuse until, answer): see `cached_outcome`.
-        self.answers: dict[tuple[str | None, bytes | str], tuple[int, float, Answer]] = {}
+        #: (key, raw query) -> (cache generation, reuse until, answer, the same for any
+        #: device): see `cached_outcome`.
+        self.answers: dict[tuple[str | None, bytes | str], tuple[int, float, Answer, bool]] = {}
         self.tally = cache.tally
         #: The same headers as RSGI wants them.
         self.text_headers = [(name.decode(), value.decode()) for name, value in self.headers]
@@ -310,11 +333,23 @@ class CheckEndpoint:
 
         Devices of one app ask the same few questions (key, channel, version), so the finished
         answer to an identical request is reused for up to a second while nothing changed.
+        Each device also sends its own `device_id`, which matters only to a release rolled
+        out to a share of devices: while the channel has none, the answer is kept without the
+        id, and every device with a valid one asking the rest of the question reuses it.
         """
         cache = self.cache
         now = time.monotonic()
         memo_key = (api_key, raw_query)
         reused = self.answers.get(memo_key)
+        anonymous = None
+        if reused is None:
+            anonymous = without_device(raw_query)
+            if anonymous is not None:
+                reused = self.answers.get((api_key, anonymous[0]))
+                if reused is not None and not (
+                    reused[3] and targeting.valid_device_id(anonymous[1])
+                ):
+                    reused = None
         if reused is not None and reused[0] == cache.generation and now < reused[1]:
             answer = reused[2]
         else:
@@ -322,10 +357,14 @@ class CheckEndpoint:
             if isinstance(found, Miss):
                 return None
             answer = self._finish(found)
+            any_device = not isinstance(found, Resolved) or found.state.device_free
+            if any_device and anonymous is not None and targeting.valid_device_id(anonymous[1]):
+                memo_key = (api_key, anonymous[0])
             if len(raw_query) + len(api_key or "") <= _MAX_REUSED_REQUEST:
                 if len(self.answers) >= _MAX_REUSED:
                     self.answers.clear()
-                self.answers[memo_key] = (cache.generation, now + ANSWER_REUSE_SECONDS, answer)
+                until = now + ANSWER_REUSE_SECONDS
+                self.answers[memo_key] = (cache.generation, until, answer, any_device)
         limited = self._limited(api_key, address)
         if limited is not None:
             return limited
