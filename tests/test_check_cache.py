@@ -3,6 +3,7 @@ at least half their lifetime, changes invalidate, and a database outage leaves w
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
@@ -311,6 +312,43 @@ def test_devices_share_a_reused_answer_only_while_nothing_is_rolled_out(
             status = ask(device).json()["status"]
             assert status == ("update_available" if device in inside else "no_update"), device
     assert len(kept_per_device()) == 10
+
+
+def test_shared_answers_never_cross_devices_as_a_rollout_comes_and_goes(
+    server: RunningServer, client: httpx.Client, project: Project
+) -> None:
+    """Checks with and without device ids, refused ids and a rollout switched on and off, in a
+    seeded random order: every answer is the one the device's own check would get."""
+    bundle = released(client, project)
+    path = project.path(f"/bundles/{bundle['id']}")
+    rng = random.Random(20261126)  # noqa: S311 - a reproducible order, not a secret
+    devices = [f"device-{n}" for n in range(12)]
+    percentage = 100
+    for step in range(160):
+        if step % 40 == 20:
+            percentage = 30 if percentage == 100 else 100
+            rollout = {"rollout_percentage": percentage}
+            assert client.patch(path, headers=project.auth, json=rollout).status_code == 200
+        params = {"channel": "production", "current_bundle": "0", "platform": "android"}
+        roll = rng.random()
+        device = rng.choice(devices)
+        if roll < 0.1:
+            params["device_id"] = "x" * (targeting.MAX_DEVICE_ID_CHARS + 1)
+        elif roll < 0.25:
+            device = ""
+        else:
+            params["device_id"] = device
+        answer = client.get("/v1/code-push/check", params=params, headers=project.key())
+        if roll < 0.1:
+            assert answer.status_code == 400, (step, answer.text)
+            assert answer.json()["code"] == "invalid_device_id"
+            continue
+        inside = targeting.in_rollout(device or None, bundle["id"], percentage)
+        assert answer.json()["status"] == ("update_available" if inside else "no_update"), (
+            step,
+            device,
+            percentage,
+        )
 
 
 def test_changes_reach_the_cached_answer_at_once_in_this_process(
