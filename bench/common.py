@@ -552,7 +552,8 @@ def run_wrk(
     """``wrk -t2 -c64 -dNs --latency [-s script] [-H header]... URL`` and its parsed report.
 
     ``WRK_TAIL_SCRIPT`` adds p99.9 and p99.99 to the report; it defines no per-request function,
-    so the load is the same. ``WRK_VARY_SCRIPT`` does too, and makes every request different.
+    so the load is the same. ``WRK_VARY_SCRIPT`` and ``WRK_DEVICES_SCRIPT`` do too, and make
+    every request different (a counting header; a device id of its own in the query).
     """
     wrk = find_tool("wrk")
     if wrk is None:

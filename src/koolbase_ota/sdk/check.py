@@ -341,14 +341,14 @@ class CheckEndpoint:
         now = time.monotonic()
         memo_key = (api_key, raw_query)
         reused = self.answers.get(memo_key)
-        anonymous = None
+        # Where an answer the same for any device is kept: the query without its valid id.
+        shared_key = None
         if reused is None:
             anonymous = without_device(raw_query)
-            if anonymous is not None:
-                reused = self.answers.get((api_key, anonymous[0]))
-                if reused is not None and not (
-                    reused[3] and targeting.valid_device_id(anonymous[1])
-                ):
+            if anonymous is not None and targeting.valid_device_id(anonymous[1]):
+                shared_key = (api_key, anonymous[0])
+                reused = self.answers.get(shared_key)
+                if reused is not None and not reused[3]:
                     reused = None
         if reused is not None and reused[0] == cache.generation and now < reused[1]:
             answer = reused[2]
@@ -358,8 +358,8 @@ class CheckEndpoint:
                 return None
             answer = self._finish(found)
             any_device = not isinstance(found, Resolved) or found.state.device_free
-            if any_device and anonymous is not None and targeting.valid_device_id(anonymous[1]):
-                memo_key = (api_key, anonymous[0])
+            if any_device and shared_key is not None:
+                memo_key = shared_key
             if len(raw_query) + len(api_key or "") <= _MAX_REUSED_REQUEST:
                 if len(self.answers) >= _MAX_REUSED:
                     self.answers.clear()
