@@ -19,6 +19,7 @@ from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 
 from koolbase_ota.bundles import targeting
+from koolbase_ota.sdk import cache as cache_module
 from koolbase_ota.sdk.cache import ANSWER_REUSE_SECONDS
 from koolbase_ota.sdk.check import without_device
 from tests.conftest import Project, RunningServer, new_project, released, start_server
@@ -235,11 +236,11 @@ def test_identical_checks_reuse_the_answer_for_at_most_a_second_and_not_across_a
     assert endpoint is not None
     client.get(CHECK, headers=project.key())  # cold: loads the channel
     first = client.get(CHECK, headers=project.key())
-    (generation, until, answer, any_device) = endpoint.answers[(project.keys["production"], b"")]
-    assert answer[1] == first.content
+    (generation, until, rollouts, answers) = endpoint.answers[(project.keys["production"], b"")]
+    assert answers[0][1] == first.content
     assert generation == server.context.check_cache.generation
     assert 0 < until - time.monotonic() <= ANSWER_REUSE_SECONDS
-    assert any_device  # no release rolled out to a share of devices
+    assert rollouts == ()  # no release rolled out to a share of devices
     path = project.path(f"/bundles/{bundle['id']}")
     assert client.patch(path, headers=project.auth, json={"mandatory": True}).status_code == 200
     # The change bumped the generation: the reused answer is not handed out again.
@@ -267,12 +268,13 @@ def test_a_query_without_its_device_id(
     assert without_device(raw) == expected
 
 
-def test_devices_share_a_reused_answer_only_while_nothing_is_rolled_out(
+def test_devices_share_a_reused_answer_with_their_rollout_cohort(
     server: RunningServer, client: httpx.Client, project: Project
 ) -> None:
     """A fleet's code-push checks differ by device id alone: the answer is kept once for all
-    of them while no release is rolled out to a share of devices, and per device once one
-    is, without ever handing one device's answer to another."""
+    of them while no release is rolled out to a share of devices, and once for the devices
+    inside the rollout and once for those outside it when one is, never per device and
+    without ever handing one device's answer to another."""
     bundle = released(client, project)
     endpoint = server.app.code_push_endpoint
     assert endpoint is not None
@@ -311,7 +313,77 @@ def test_devices_share_a_reused_answer_only_while_nothing_is_rolled_out(
         for device in [*inside[:5], *outside[:5]]:
             status = ask(device).json()["status"]
             assert status == ("update_available" if device in inside else "no_update"), device
-    assert len(kept_per_device()) == 10
+    assert kept_per_device() == []
+    shared = endpoint.answers[(project.keys["production"], b"channel=production&current_bundle=0")]
+    (_generation, _until, rollouts, by_cohort) = shared
+    assert rollouts == ((bundle["id"], 50),)
+    assert sorted(by_cohort) == [0, 1]
+    assert b"no_update" in by_cohort[0][1]
+    assert b"update_available" in by_cohort[1][1]
+    # A check without a device id is cohort 0's (outside every rollout), and reuses it.
+    anonymous = client.get("/v1/code-push/check", params=base, headers=project.key())
+    assert anonymous.content == by_cohort[0][1]
+
+
+def test_devices_in_two_rollouts_get_their_cohorts_answer_and_many_rollouts_are_kept_apart(
+    server: RunningServer, client: httpx.Client, project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two releases rolled out to 60% and 30%: each device gets the newest release that
+    reaches it, the answers are kept per cohort (at most 4); over MAX_SHARED_ROLLOUTS they
+    are kept per device instead."""
+    older = released(client, project)
+    newer = released(client, project)
+    for bundle, percentage in ((older, 60), (newer, 30)):
+        path = project.path(f"/bundles/{bundle['id']}")
+        rollout = {"rollout_percentage": percentage}
+        assert client.patch(path, headers=project.auth, json=rollout).status_code == 200
+    endpoint = server.app.code_push_endpoint
+    assert endpoint is not None
+    devices = [f"device-{n}" for n in range(60)]
+    shared_key = (project.keys["production"], b"channel=production&current_bundle=0")
+
+    def offered(device: str) -> int | None:
+        params = {"channel": "production", "current_bundle": "0", "device_id": device}
+        answer = client.get("/v1/code-push/check", params=params, headers=project.key())
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        return body["bundle"]["version"] if body["status"] == "update_available" else None
+
+    def expected(device: str) -> int | None:
+        for bundle, percentage in ((newer, 30), (older, 60)):
+            if targeting.in_rollout(device, bundle["id"], percentage):
+                return int(bundle["version"])
+        return None
+
+    def kept_per_device() -> int:
+        return sum("device_id=device-" in str(query) for (_key, query) in endpoint.answers)
+
+    offered(devices[0])  # cold: loads the channel
+    for _ in range(2):
+        assert [offered(device) for device in devices] == [expected(d) for d in devices]
+    (_generation, _until, rollouts, by_cohort) = endpoint.answers[shared_key]
+    assert rollouts == ((newer["id"], 30), (older["id"], 60))
+    cohorts = {targeting.rollout_cohort(device, rollouts) for device in devices}
+    assert sorted(by_cohort) == sorted(cohorts)
+    assert len(cohorts) == 4  # all four occur among 60 devices
+    assert kept_per_device() == 0
+
+    monkeypatch.setattr(cache_module, "MAX_SHARED_ROLLOUTS", 1)
+    path = project.path(f"/bundles/{older['id']}")
+    patched = client.patch(path, headers=project.auth, json={"rollout_percentage": 70})
+    assert patched.status_code == 200
+    endpoint.answers.clear()
+    for _ in range(2):
+        answers = [offered(device) for device in devices]
+        assert answers == [
+            int(newer["version"])
+            if targeting.in_rollout(device, newer["id"], 30)
+            else int(older["version"])
+            if targeting.in_rollout(device, older["id"], 70)
+            else None
+            for device in devices
+        ]
+    assert kept_per_device() == len(devices)
 
 
 def test_shared_answers_never_cross_devices_as_a_rollout_comes_and_goes(

@@ -45,6 +45,21 @@ def test_the_documented_formula() -> None:
         assert targeting.in_rollout(device, BUNDLE, 37) == (expected < 37)
 
 
+def test_a_cohort_has_one_bit_per_rollout_that_reaches_the_device() -> None:
+    rollouts = tuple(
+        (str(uuid.uuid5(uuid.NAMESPACE_URL, f"bundle-{pct}")), pct) for pct in (10, 50, 90)
+    )
+    cohorts = set()
+    for n in range(2000):
+        device = f"device-{n}"
+        cohort = targeting.rollout_cohort(device, rollouts)
+        expected = [targeting.in_rollout(device, bundle, pct) for bundle, pct in rollouts]
+        assert [bool(cohort & (1 << bit)) for bit in range(3)] == expected
+        cohorts.add(cohort)
+    assert len(cohorts) == 8  # every combination occurs among 2,000 devices
+    assert targeting.rollout_cohort("device-1", ()) == 0
+
+
 def test_a_device_without_an_id_is_in_only_at_100() -> None:
     assert targeting.in_rollout(None, BUNDLE, 100)
     assert not targeting.in_rollout(None, BUNDLE, 99)

@@ -124,3 +124,16 @@ def in_rollout(device_id: str | None, bundle_id: uuid.UUID | str, percentage: in
     if not device_id:
         return False
     return rollout_bucket(device_id, bundle_id) < percentage
+
+
+def rollout_cohort(device_id: str, rollouts: tuple[tuple[str, int], ...]) -> int:
+    """Which of `rollouts` ((bundle id, percentage) pairs) reach a device, one bit each.
+
+    Two devices of one cohort get the same answer to the same question; cohort 0 (in none of
+    them) is also the answer of a device that sends no id.
+    """
+    cohort = 0
+    for bit, (bundle_id, percentage) in enumerate(rollouts):
+        if rollout_bucket(device_id, bundle_id) < percentage:
+            cohort |= 1 << bit
+    return cohort

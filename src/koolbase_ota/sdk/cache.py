@@ -61,6 +61,10 @@ V = TypeVar("V")
 MAX_HISTORY = 100
 #: How many recalled versions of a channel are remembered to send their devices back.
 MAX_RECALLED = 1000
+#: Up to this many releases of a channel rolled out to a share of devices, the devices each of
+#: them reaches alike share reused answers (`ChannelState.rollouts`); beyond it, each device's
+#: answer is kept on its own.
+MAX_SHARED_ROLLOUTS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,10 +181,17 @@ class ChannelState:
         return self.releases[0] if self.releases else None
 
     @functools.cached_property
-    def device_free(self) -> bool:
-        """No release is rolled out to a share of devices: a device's id changes no answer.
-        (A state is never changed in place: a change to the channel loads a new one.)"""
-        return all(release.rollout_percentage >= 100 for release in self.releases)
+    def rollouts(self) -> tuple[tuple[str, int], ...] | None:
+        """(bundle id, percentage) of each release rolled out to a share of devices: the only
+        part of an answer a device's id decides (`targeting.rollout_cohort`). Empty when a
+        device's id changes no answer; None when more than MAX_SHARED_ROLLOUTS are, each a
+        hash per check. (A state is never changed in place: a change loads a new one.)"""
+        rollouts = tuple(
+            (str(release.id), release.rollout_percentage)
+            for release in self.releases
+            if release.rollout_percentage < 100
+        )
+        return rollouts if len(rollouts) <= MAX_SHARED_ROLLOUTS else None
 
     def choose(self, current_version: int, device: Device) -> tuple[Release | None, bool]:
         """(release, rollback): what to offer a device on `current_version`.

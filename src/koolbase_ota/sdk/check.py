@@ -77,6 +77,11 @@ _RATE_LIMITED = _error("too many requests; retry later", "rate_limited")
 Answer = tuple[int, bytes, bool, str | None]
 #: The same and the 429's `Retry-After` (or None).
 Outcome = tuple[int, bytes, bool, str | None, int | None]
+#: A kept answer (`CheckEndpoint.cached_outcome`): the cache generation it was worked out in,
+#: the time it may be reused until, the channel's rollouts it depends on
+#: (`ChannelState.rollouts`: empty when the answer is the same for any device, None when no
+#: other device may reuse it) and the answers by rollout cohort (0 for an exact request).
+Reused = tuple[int, float, tuple[tuple[str, int], ...] | None, dict[int, Answer]]
 #: Bounds of the reused answers (`CheckEndpoint.cached_outcome`): entries, and request size.
 _MAX_REUSED = 10_000
 _MAX_REUSED_REQUEST = 512
@@ -265,9 +270,9 @@ class CheckEndpoint:
         self.headers = _JSON_HEADERS + (extra_headers or [])
         # No limit configured: not even the call, the check is the hot path.
         self.limits = limits if limits is not None and limits.limits_checks else None
-        #: (key, raw query) -> (cache generation, reuse until, answer, the same for any
-        #: device): see `cached_outcome`.
-        self.answers: dict[tuple[str | None, bytes | str], tuple[int, float, Answer, bool]] = {}
+        #: (key, raw query, or the query without its device id) -> what is kept of its
+        #: answer: see `cached_outcome`.
+        self.answers: dict[tuple[str | None, bytes | str], Reused] = {}
         self.tally = cache.tally
         #: The same headers as RSGI wants them.
         self.text_headers = [(name.decode(), value.decode()) for name, value in self.headers]
@@ -333,43 +338,80 @@ class CheckEndpoint:
 
         Devices of one app ask the same few questions (key, channel, version), so the finished
         answer to an identical request is reused for up to a second while nothing changed.
-        Each device also sends its own `device_id`, which matters only to a release rolled
-        out to a share of devices: while the channel has none, the answer is kept without the
-        id, and every device with a valid one asking the rest of the question reuses it.
+        Each device also sends its own `device_id`, which matters only to the releases rolled
+        out to a share of devices, and only as whether each reaches it (its cohort): the
+        answer is kept under the query without the id, per cohort, and every device with a
+        valid id asking the rest of the question reuses its cohort's.
         """
         cache = self.cache
         now = time.monotonic()
         memo_key = (api_key, raw_query)
         reused = self.answers.get(memo_key)
-        # Where an answer the same for any device is kept: the query without its valid id.
-        shared_key = None
+        # A device whose answer its cohort shares, kept under the query without its valid id.
+        device_id = None
+        cohort = None
         if reused is None:
             anonymous = without_device(raw_query)
             if anonymous is not None and targeting.valid_device_id(anonymous[1]):
-                shared_key = (api_key, anonymous[0])
-                reused = self.answers.get(shared_key)
-                if reused is not None and not reused[3]:
-                    reused = None
+                device_id = anonymous[1]
+                memo_key = (api_key, anonymous[0])
+                reused = self.answers.get(memo_key)
+        answer = None
         if reused is not None and reused[0] == cache.generation and now < reused[1]:
-            answer = reused[2]
-        else:
+            rollouts = reused[2]
+            if device_id is None or rollouts == ():
+                answer = reused[3].get(0)
+            elif rollouts is not None:
+                cohort = targeting.rollout_cohort(device_id, rollouts)
+                answer = reused[3].get(cohort)
+        if answer is None:
             found = resolve_cached(cache, self.request(api_key, parse_query(raw_query)))
             if isinstance(found, Miss):
                 return None
             answer = self._finish(found)
-            any_device = not isinstance(found, Resolved) or found.state.device_free
-            if any_device and shared_key is not None:
-                memo_key = shared_key
-            if len(raw_query) + len(api_key or "") <= _MAX_REUSED_REQUEST:
-                if len(self.answers) >= _MAX_REUSED:
-                    self.answers.clear()
-                until = now + ANSWER_REUSE_SECONDS
-                self.answers[memo_key] = (cache.generation, until, answer, any_device)
+            self._keep(memo_key, raw_query, found, device_id, cohort, answer, now)
         limited = self._limited(api_key, address)
         if limited is not None:
             return limited
         status, body, hit, error = answer
         return status, body, hit, error, None
+
+    def _keep(
+        self,
+        memo_key: tuple[str | None, bytes | str],
+        raw_query: bytes | str,
+        found: Resolved | tuple[int, bytes, bool, str],
+        device_id: str | None,
+        cohort: int | None,
+        answer: Answer,
+        now: float,
+    ) -> None:
+        """Keep `answer` for `cached_outcome`: for the cohort of `device_id` (under the query
+        without it), or for the exact request."""
+        api_key = memo_key[0]
+        if len(raw_query) + len(api_key or "") > _MAX_REUSED_REQUEST:
+            return
+        rollouts: tuple[tuple[str, int], ...] | None = ()
+        if isinstance(found, Resolved) and found.device.device_id is None:
+            # A request without a device id: cohort 0's answer, which devices may reuse.
+            rollouts = found.state.rollouts
+        elif isinstance(found, Resolved) and device_id is not None:
+            rollouts = found.state.rollouts
+            if rollouts is None:
+                # Too many rollouts to work out a cohort on every check: kept per device.
+                memo_key, rollouts = (api_key, raw_query), ()
+            elif cohort is None:
+                cohort = targeting.rollout_cohort(device_id, rollouts)
+        generation = self.cache.generation
+        kept = self.answers.get(memo_key)
+        if kept is not None and kept[0] == generation and now < kept[1] and kept[2] == rollouts:
+            # Another cohort of a kept question: at most 2 ** MAX_SHARED_ROLLOUTS of them.
+            kept[3][cohort or 0] = answer
+            return
+        if len(self.answers) >= _MAX_REUSED:
+            self.answers.clear()
+        until = now + ANSWER_REUSE_SECONDS
+        self.answers[memo_key] = (generation, until, rollouts, {cohort or 0: answer})
 
     async def __call__(self, scope: Scope, send: Send) -> None:
         started = time.perf_counter()
