@@ -26,6 +26,7 @@ from tests.conftest import (
     RunningServer,
     assert_download_refused,
     assert_error,
+    eventually,
     make_zip,
     new_project,
     upload,
@@ -350,11 +351,24 @@ def test_downloads_sent_by_the_server_are_counted_in_metrics(
                 found[2] += value
         return found[0], found[1], found[2]
 
-    full, ranges, timed = counts()
+    def settled() -> tuple[float, float, float]:
+        """The counts once no earlier download is still being counted: one is counted when
+        its sending ends, which may be just after its client has every byte."""
+        last = counts()
+        for _ in range(20):
+            time.sleep(0.1)
+            now = counts()
+            if now == last:
+                return now
+            last = now
+        raise AssertionError("the download counts never settled")
+
+    full, ranges, timed = settled()
     for _ in range(2):
         assert httpx.get(url).status_code == 200
     assert httpx.get(url, headers={"Range": "bytes=0-9"}).status_code == 206
-    assert counts() == (full + 2, ranges + 1, timed + 3)
+    eventually(lambda: counts() == (full + 2, ranges + 1, timed + 3), "three downloads counted")
+    assert settled() == (full + 2, ranges + 1, timed + 3)
 
 
 def test_a_url_signed_with_another_secret_is_403(
