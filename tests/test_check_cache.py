@@ -268,6 +268,27 @@ def test_a_query_without_its_device_id(
     assert without_device(raw) == expected
 
 
+def test_a_query_without_its_device_id_is_its_parts_less_the_one_id() -> None:
+    """Against the plain definition, on seeded random queries of tricky parts."""
+
+    def reference(raw: bytes) -> tuple[bytes, str] | None:
+        if b"%" in raw or b"+" in raw:
+            return None
+        parts = raw.split(b"&")
+        ids = [part for part in parts if part.startswith(b"device_id=")]
+        if len(ids) != 1 or b"device_id" in parts:
+            return None
+        others = [part for part in parts if part is not ids[0]]
+        return b"&".join(others), ids[0].removeprefix(b"device_id=").decode("latin-1")
+
+    rng = random.Random(20261126)  # noqa: S311 - reproducible, not a secret
+    parts = [b"a=1", b"device_id=d-1", b"", b"device_id", b"xdevice_id=2", b"b=device_id=3"]
+    parts += [b"device_id=", b"device_idx=4", b"c=%41", b"device_id=d-2", b"channel=production"]
+    for _ in range(20_000):
+        raw = b"&".join(rng.choice(parts) for _ in range(rng.randint(0, 5)))
+        assert without_device(raw) == reference(raw), raw
+
+
 def test_devices_share_a_reused_answer_with_their_rollout_cohort(
     server: RunningServer, client: httpx.Client, project: Project
 ) -> None:

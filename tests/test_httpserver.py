@@ -20,7 +20,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from koolbase_ota.httpserver import MAX_HEADERS, render_answer, replays_of
+from koolbase_ota.httpserver import MAX_HEADERS, heads_of, render_answer, replays_of
 from koolbase_ota.sdk.check import CHECK_PATH
 from koolbase_ota.sdk.codepush import CODE_PUSH_PATH
 from tests.api.test_upload import host_port
@@ -224,6 +224,109 @@ def test_two_checks_in_one_read_are_both_answered_and_not_kept_as_one(
         answers = read_answers(sock, 2)
     assert [answer.body for answer in answers] == [b'{"has_update":false}'] * 2
     assert raw + raw not in replays_of(http_server.app)
+
+
+def kept_head(server: RunningServer, sock: socket.socket, key: str) -> bytes:
+    """Send code-push checks with one head, each from another device, until the server keeps
+    the head parsed (the first answers may be cold); the head, less its request line."""
+    for n in range(20):
+        target = f"{CODE_PUSH_PATH}?channel=production&current_bundle=0&device_id=warm-{n}"
+        raw = request(target, key=key)
+        send(sock, raw)
+        assert read_answer(sock).status == 200
+        head = raw[raw.find(b"\r\n") :]
+        if heads_of(server.app).get(head) is not None:
+            return head
+    raise AssertionError("the head was never kept")
+
+
+def through_app(target: str) -> str:
+    """The same request target with its path's `check` percent-encoded: the app answers it."""
+    path, _, query = target.partition("?")
+    return path.replace("check", "%63heck") + "?" + query
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        f"{CODE_PUSH_PATH}?channel=production&current_bundle=0&device_id=new-device-1",
+        f"{CODE_PUSH_PATH}?channel=production&current_bundle=0&device_id=new-device-2",
+        f"{CODE_PUSH_PATH}?channel=staging&current_bundle=0&device_id=new-device-1",
+        f"{CODE_PUSH_PATH}?channel=production&current_bundle=x&device_id=new-device-1",
+        f"{CHECK_PATH}?channel=production&version=0",
+        f"{CHECK_PATH}?channel=production&version=999",
+        f"{CHECK_PATH}?version=abc",
+    ],
+)
+def test_a_check_head_under_another_request_line_is_answered_without_parsing_it(
+    http_server: RunningServer, released_project: tuple[Project, dict[str, Any]], target: str
+) -> None:
+    """Devices of one app send the same headers and each its own query: once a head (what
+    follows the request line) has come twice in checks, a check with that head under any
+    plain request line is answered from it, as the app answers that request."""
+    project, _offer = released_project
+    with connect(http_server) as sock:
+        head = kept_head(http_server, sock, project.keys["production"])
+        raw = f"GET {target} HTTP/1.1".encode() + head
+        replayed = []
+        for _ in range(2):
+            send(sock, raw)
+            replayed.append(read_answer(sock))
+        send(sock, f"GET {through_app(target)} HTTP/1.1".encode() + head)
+        app = read_answer(sock)
+    for answer in replayed:
+        assert answer.status == app.status
+        assert answer.body == app.body
+        assert without_date(answer) == without_date(app)
+    # Never parsed: the whole request, kept once it came twice, has the kept head's headers.
+    whole = replays_of(http_server.app)[raw]
+    kept = heads_of(http_server.app)[head]
+    assert whole is not None
+    assert kept is not None
+    assert whole.headers is kept.headers
+
+
+@pytest.mark.parametrize(
+    ("line", "status", "parsed"),
+    [
+        # Percent-encoded, HTTP/1.0: the parser's own check answer, then kept whole.
+        (f"GET {CODE_PUSH_PATH}?channel=production&device_id=a%2Db HTTP/1.1", 200, True),
+        (f"GET {CHECK_PATH}?channel=production HTTP/1.0", 200, True),
+        # Not a plain GET of a check: whatever the parser and the app make of it.
+        (f"GET {CHECK_PATH}?channel=a b HTTP/1.1", 400, False),
+        (f"GET {CHECK_PATH}?channel=\x7f HTTP/1.1", 400, False),
+        (f"POST {CHECK_PATH} HTTP/1.1", 405, False),
+        ("GET /healthz HTTP/1.1", 200, False),
+        (f"GET http://127.0.0.1{CHECK_PATH} HTTP/1.1", 200, False),
+    ],
+    ids=["percent", "http-1.0", "space", "control", "post", "healthz", "absolute"],
+)
+def test_a_kept_head_under_a_line_that_is_not_a_plain_check_goes_to_the_parser(
+    http_server: RunningServer,
+    released_project: tuple[Project, dict[str, Any]],
+    line: str,
+    status: int,
+    parsed: bool,
+) -> None:
+    project, _offer = released_project
+    with connect(http_server) as sock:
+        head = kept_head(http_server, sock, project.keys["production"])
+        raw = line.encode("latin-1") + head
+        send(sock, raw)
+        answer = read_answer(sock)
+    if parsed:
+        with connect(http_server) as sock:  # the HTTP/1.0 one was closed
+            send(sock, raw)
+            assert read_answer(sock).body == answer.body
+    assert answer.status == status, answer.body
+    if status == 400:
+        assert answer.json()["code"] == "bad_request"
+    if parsed:
+        whole = replays_of(http_server.app)[raw]
+        kept = heads_of(http_server.app)[head]
+        assert whole is not None
+        assert kept is not None
+        assert whole.headers is not kept.headers
 
 
 def test_a_replayed_check_sees_a_new_activation_at_once(http_server: RunningServer) -> None:

@@ -7,7 +7,9 @@ more than the whole of a warm check, which needs no I/O. `OTAHttpProtocol` chang
   the seed check and the code-push check, when the cache holds all they need (a cold entry
   goes through the app as any other request, and its database read happens there). A read
   that repeats, byte for byte, a whole check request seen before (devices of one app send the
-  same bytes) is not even parsed again: what the parser made of it is kept (`replays_of`).
+  same bytes) is not even parsed again: what the parser made of it is kept (`replays_of`);
+  nor is one that repeats a check's head under another plain request line (devices that
+  send their id in the query: `heads_of`).
 - **Files go out with sendfile(2)**: the app gets ASGI's `http.response.pathsend` and
   `http.response.zerocopysend` extensions, and the server sends the file, or one range of it,
   without the bytes passing through Python (on the standard asyncio loop, which `serve` uses
@@ -24,9 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
+import re
 import socket
 import time
 import weakref
@@ -150,21 +154,66 @@ class _Parsed:
     keep_alive: bool
 
 
-class _NotKept:
-    """What a table of replays holds for bytes it has never seen."""
+#: Slots of `_Replays.seen_again`'s table: a power of two.
+SIGHTINGS = 8192
 
 
-_NOT_KEPT = _NotKept()
+class _Replays:
+    """What the parser made of check requests, per app and process (`OTAHttpProtocol._replay`):
+    whole requests by their exact bytes, and heads by their bytes after the request line.
 
-#: Whole check requests by their exact bytes, per app: None for one seen once, what the
-#: parser made of it for one seen again (see `OTAHttpProtocol._replay`). Only a request seen
-#: twice is kept parsed, so a stream that never repeats (a device id in each) costs its bytes.
-_replays: weakref.WeakKeyDictionary[Any, dict[bytes, _Parsed | None]] = weakref.WeakKeyDictionary()
+    Bytes are kept parsed only once they come a second time. That they came once is noted in
+    a fixed table of their hashes, so a stream that never repeats (a request id, a device id
+    in each) allocates nothing for it; two bytes strings of one hash only keep a parse early.
+    """
+
+    __slots__ = ("heads", "requests", "sightings")
+
+    def __init__(self) -> None:
+        self.requests: dict[bytes, _Parsed] = {}
+        self.heads: dict[bytes, _Parsed] = {}
+        self.sightings = [0] * SIGHTINGS
+
+    def seen_again(self, key: bytes) -> bool:
+        """Whether `key` came before (as far as the table remembers); noted either way."""
+        sighting = hash(key)
+        slot = sighting & (SIGHTINGS - 1)
+        if self.sightings[slot] == sighting:
+            return True
+        self.sightings[slot] = sighting
+        return False
+
+    @staticmethod
+    def keep(table: dict[bytes, _Parsed], key: bytes, parsed: _Parsed) -> None:
+        if len(table) >= MAX_REPLAYS:
+            table.clear()
+        table[key] = parsed
 
 
-def replays_of(app: Any) -> dict[bytes, _Parsed | None]:
-    """The check requests kept for `app`'s connections in this process."""
-    return _replays.setdefault(app, {})
+_replays: weakref.WeakKeyDictionary[Any, _Replays] = weakref.WeakKeyDictionary()
+
+#: A request target a replayed head takes as it is (anything else goes to the parser): a path
+#: and query of characters RFC 3986 allows unescaped, without `%`, `#`, `[` or `]`.
+_PLAIN_TARGET = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,;=:@/?]*")
+
+
+def _replays_of(app: Any) -> _Replays:
+    replays = _replays.get(app)
+    if replays is None:
+        replays = _replays[app] = _Replays()
+    return replays
+
+
+def replays_of(app: Any) -> dict[bytes, _Parsed]:
+    """The whole check requests kept parsed for `app`'s connections in this process."""
+    return _replays_of(app).requests
+
+
+def heads_of(app: Any) -> dict[bytes, _Parsed]:
+    """The check request heads (less their request line) kept parsed for `app`'s connections:
+    the same headers under another request line. The devices of one app send the same headers
+    and each its own `device_id` in the query."""
+    return _replays_of(app).heads
 
 
 class _HeadTooLarge(Exception):
@@ -188,8 +237,11 @@ class OTAHttpProtocol(HttpToolsProtocol):
         self.checks: dict[bytes, CheckEndpoint] = {
             path.encode(): endpoint for path, endpoint in app.checks().items()
         }
-        #: Parsed check requests by their exact bytes, shared by the process's connections.
-        self.replays = replays_of(app)
+        #: Parsed check requests by their exact bytes, and heads by theirs after the request
+        #: line, shared by the process's connections.
+        self.kept = _replays_of(app)
+        self.replays = self.kept.requests
+        self.heads = self.kept.heads
         #: The answer to write once the current request's message is complete.
         self.fast_answer: bytes | None = None
         #: Between two requests (no part of the next one read yet); messages begun in the
@@ -253,11 +305,18 @@ class OTAHttpProtocol(HttpToolsProtocol):
         self.last_seen = time.monotonic()
         # A read that may be one whole request, from its first byte.
         replayable = self.at_boundary and len(data) <= MAX_REPLAY_BYTES
-        kept: _Parsed | _NotKept | None = _NOT_KEPT
+        kept = None
+        head = None
         if replayable:
-            kept = self.replays.get(data, _NOT_KEPT)
-            if isinstance(kept, _Parsed) and self._replay(kept):
-                return
+            kept = self.replays.get(data)
+            if kept is not None:
+                if self._replay(kept, kept.endpoint, kept.path, kept.query):
+                    return
+            else:
+                # All after the request line: the same for devices whose queries differ.
+                head = data[data.find(b"\r\n") :]
+                if self._replay_head(data, head):
+                    return
         self.begun = 0
         self.answered = None
         try:
@@ -276,9 +335,10 @@ class OTAHttpProtocol(HttpToolsProtocol):
         if answered is not None and replayable and self.begun == 1 and self.at_boundary:
             # This read was one whole check, parsed from its first byte and answered inline:
             # the same bytes parse the same again, so they need not be parsed again.
-            if len(self.replays) >= MAX_REPLAYS:
-                self.replays.clear()
-            self.replays[data] = None if kept is _NOT_KEPT else self._parsed(answered)
+            if kept is None and self.kept.seen_again(data):
+                self.kept.keep(self.replays, data, self._parsed(answered))
+            if head is not None:
+                self._keep_head(data, head, answered)
         if self.head_bytes is not None:
             # Still inside a request head after this read. A read the head began in may also
             # hold the end of the request before it, so only the reads after it count in
@@ -477,16 +537,50 @@ class OTAHttpProtocol(HttpToolsProtocol):
             keep_alive=self.parser.should_keep_alive(),
         )
 
-    def _replay(self, parsed: _Parsed) -> bool:
-        """Answer a read that repeats a whole check request already parsed, byte for byte,
-        without parsing it again; False to parse it after all (an app request still in
-        flight on this connection, or an answer the cache cannot give)."""
+    def _keep_head(self, data: bytes, head: bytes, endpoint: CheckEndpoint) -> None:
+        """Note `head`, all after the request line of `data`, one whole check just parsed and
+        answered (see `_replay_head`): kept parsed once it comes again, if HTTP/1.1."""
+        if (
+            head not in self.heads
+            and data.startswith(b" HTTP/1.1", len(data) - len(head) - 9)
+            and self.kept.seen_again(head)
+        ):
+            self.kept.keep(self.heads, head, self._parsed(endpoint))
+
+    def _replay_head(self, data: bytes, head: bytes) -> bool:
+        """Answer a read that is a plain `GET <check path>?<query> HTTP/1.1` line before a head
+        already parsed in a check (`head`, all after the line), without parsing it: the
+        parser would make the same of it but the URL. False to parse it after all."""
+        kept = self.heads.get(head)
+        if kept is None:
+            return False
+        line = data[: len(data) - len(head)]
+        if not (line.startswith(b"GET /") and line.endswith(b" HTTP/1.1")):
+            return False
+        target = line[4:-9]
+        if _PLAIN_TARGET.fullmatch(target) is None:
+            return False
+        path, _, query = target.partition(b"?")
+        endpoint = self.checks.get(path)
+        if endpoint is None or not self._replay(kept, endpoint, path, query):
+            return False
+        # Noted whole as well, as a parsed one is: a request that repeats whole is found
+        # whole, the cheaper lookup.
+        if self.kept.seen_again(data):
+            whole = dataclasses.replace(kept, endpoint=endpoint, path=path, query=query)
+            self.kept.keep(self.replays, data, whole)
+        return True
+
+    def _replay(self, parsed: _Parsed, endpoint: CheckEndpoint, path: bytes, query: bytes) -> bool:
+        """Answer a check request already parsed (`parsed`, with this endpoint and URL)
+        without parsing it again; False to parse it after all (an app request still in flight
+        on this connection, or an answer the cache cannot give)."""
         if (self.cycle is not None and not self.cycle.response_complete) or self.pipeline:
             return False
         answer = self._answer(
-            parsed.endpoint,
-            parsed.path,
-            parsed.query,
+            endpoint,
+            path,
+            query,
             parsed.api_key,
             parsed.headers,
             parsed.http_version,

@@ -86,6 +86,7 @@ Reused = tuple[int, float, tuple[tuple[str, int], ...] | None, dict[int, Answer]
 _MAX_REUSED = 10_000
 _MAX_REUSED_REQUEST = 512
 _DEVICE_ID_FIELD = b"device_id="
+_AMPERSAND = ord("&")
 
 
 def without_device(raw_query: bytes | str) -> tuple[bytes, str] | None:
@@ -93,6 +94,22 @@ def without_device(raw_query: bytes | str) -> tuple[bytes, str] | None:
     the id. None for any other (none, several, percent-encoded, a string query)."""
     if not isinstance(raw_query, bytes) or b"%" in raw_query or b"+" in raw_query:
         return None
+    mentions = raw_query.count(b"device_id")
+    if mentions != 1:
+        return None if mentions == 0 else _without_device_parts(raw_query)
+    # The one mention must begin a part and be a field: `device_id=`.
+    at = raw_query.find(_DEVICE_ID_FIELD)
+    if at < 0 or (at > 0 and raw_query[at - 1] != _AMPERSAND):
+        return None
+    start = at + len(_DEVICE_ID_FIELD)
+    end = raw_query.find(b"&", at)
+    if end < 0:  # the last part
+        return raw_query[: max(at - 1, 0)], raw_query[start:].decode("latin-1")
+    return raw_query[:at] + raw_query[end + 1 :], raw_query[start:end].decode("latin-1")
+
+
+def _without_device_parts(raw_query: bytes) -> tuple[bytes, str] | None:
+    """`without_device` for a query that mentions `device_id` more than once, part by part."""
     others = []
     device = None
     for part in raw_query.split(b"&"):
