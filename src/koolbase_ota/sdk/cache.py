@@ -63,8 +63,8 @@ MAX_HISTORY = 100
 MAX_RECALLED = 1000
 #: Up to this many releases of a channel rolled out to a share of devices, the devices each of
 #: them reaches alike share reused answers (`ChannelState.rollouts`); beyond it, each device's
-#: answer is kept on its own.
-MAX_SHARED_ROLLOUTS = 8
+#: answer is kept on its own. It bounds the answers kept for one question at 2 ** 4 cohorts.
+MAX_SHARED_ROLLOUTS = 4
 
 
 @dataclass(frozen=True, slots=True)

@@ -422,7 +422,7 @@ class CheckEndpoint:
         generation = self.cache.generation
         kept = self.answers.get(memo_key)
         if kept is not None and kept[0] == generation and now < kept[1] and kept[2] == rollouts:
-            # Another cohort of a kept question: at most 2 ** MAX_SHARED_ROLLOUTS of them.
+            # Another cohort of a kept question: at most 2 ** MAX_SHARED_ROLLOUTS (16) of them.
             kept[3][cohort or 0] = answer
             return
         if len(self.answers) >= _MAX_REUSED:
