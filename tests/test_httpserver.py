@@ -24,7 +24,15 @@ from koolbase_ota.httpserver import MAX_HEADERS, heads_of, render_answer, replay
 from koolbase_ota.sdk.check import CHECK_PATH
 from koolbase_ota.sdk.codepush import CODE_PUSH_PATH
 from tests.api.test_upload import host_port
-from tests.conftest import Project, RunningServer, make_zip, new_project, start_server, upload
+from tests.conftest import (
+    Project,
+    RunningServer,
+    eventually,
+    make_zip,
+    new_project,
+    start_server,
+    upload,
+)
 from tests.test_hostile_requests import Answer, read_answer, send
 
 #: The check's path with one letter percent-encoded: the same endpoint, but not the raw path
@@ -279,6 +287,8 @@ def test_a_check_head_under_another_request_line_is_answered_without_parsing_it(
         assert answer.body == app.body
         assert without_date(answer) == without_date(app)
     # Never parsed: the whole request, kept once it came twice, has the kept head's headers.
+    # (Kept just after its answer is written: the server's thread may not be there yet.)
+    eventually(lambda: raw in replays_of(http_server.app), "the whole request kept")
     whole = replays_of(http_server.app)[raw]
     kept = heads_of(http_server.app)[head]
     assert whole is not None
@@ -322,6 +332,7 @@ def test_a_kept_head_under_a_line_that_is_not_a_plain_check_goes_to_the_parser(
     if status == 400:
         assert answer.json()["code"] == "bad_request"
     if parsed:
+        eventually(lambda: raw in replays_of(http_server.app), "the whole request kept")
         whole = replays_of(http_server.app)[raw]
         kept = heads_of(http_server.app)[head]
         assert whole is not None
