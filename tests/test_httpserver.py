@@ -24,15 +24,7 @@ from koolbase_ota.httpserver import MAX_HEADERS, heads_of, render_answer, replay
 from koolbase_ota.sdk.check import CHECK_PATH
 from koolbase_ota.sdk.codepush import CODE_PUSH_PATH
 from tests.api.test_upload import host_port
-from tests.conftest import (
-    Project,
-    RunningServer,
-    eventually,
-    make_zip,
-    new_project,
-    start_server,
-    upload,
-)
+from tests.conftest import Project, RunningServer, make_zip, new_project, start_server, upload
 from tests.test_hostile_requests import Answer, read_answer, send
 
 #: The check's path with one letter percent-encoded: the same endpoint, but not the raw path
@@ -248,6 +240,20 @@ def kept_head(server: RunningServer, sock: socket.socket, key: str) -> bytes:
     raise AssertionError("the head was never kept")
 
 
+def sent_until_kept(server: RunningServer, raw: bytes) -> list[Answer]:
+    """Send `raw`, each time on a new connection, until the server keeps it whole and parsed:
+    it is kept the second time it is answered inline (the first answer may be cold, the app's)
+    and just after its answer is written. The answers."""
+    answers = []
+    for _ in range(20):
+        with connect(server) as sock:
+            send(sock, raw)
+            answers.append(read_answer(sock))
+        if replays_of(server.app).get(raw) is not None:
+            return answers
+    raise AssertionError("the request was never kept whole")
+
+
 def through_app(target: str) -> str:
     """The same request target with its path's `check` percent-encoded: the app answers it."""
     path, _, query = target.partition("?")
@@ -261,25 +267,22 @@ def through_app(target: str) -> str:
         f"{CODE_PUSH_PATH}?channel=production&current_bundle=0&device_id=new-device-2",
         f"{CODE_PUSH_PATH}?channel=staging&current_bundle=0&device_id=new-device-1",
         f"{CODE_PUSH_PATH}?channel=production&current_bundle=x&device_id=new-device-1",
-        f"{CHECK_PATH}?channel=production&version=0",
-        f"{CHECK_PATH}?channel=production&version=999",
-        f"{CHECK_PATH}?version=abc",
+        f"{CHECK_PATH}?channel=production&version=0&device_id=new-device-1",
+        f"{CHECK_PATH}?channel=production&version=999&device_id=new-device-1",
+        f"{CHECK_PATH}?version=abc&device_id=new-device-1",
     ],
 )
 def test_a_check_head_under_another_request_line_is_answered_without_parsing_it(
     http_server: RunningServer, released_project: tuple[Project, dict[str, Any]], target: str
 ) -> None:
-    """Devices of one app send the same headers and each its own query: once a head (what
-    follows the request line) has come twice in checks, a check with that head under any
-    plain request line is answered from it, as the app answers that request."""
+    """Devices of one app send the same headers and each its own `device_id`: once a head
+    (what follows the request line) has come twice in checks, a check with that head under
+    any plain request line with a device id is answered from it, as the app answers it."""
     project, _offer = released_project
     with connect(http_server) as sock:
         head = kept_head(http_server, sock, project.keys["production"])
         raw = f"GET {target} HTTP/1.1".encode() + head
-        replayed = []
-        for _ in range(2):
-            send(sock, raw)
-            replayed.append(read_answer(sock))
+        replayed = sent_until_kept(http_server, raw)
         send(sock, f"GET {through_app(target)} HTTP/1.1".encode() + head)
         app = read_answer(sock)
     for answer in replayed:
@@ -287,8 +290,6 @@ def test_a_check_head_under_another_request_line_is_answered_without_parsing_it(
         assert answer.body == app.body
         assert without_date(answer) == without_date(app)
     # Never parsed: the whole request, kept once it came twice, has the kept head's headers.
-    # (Kept just after its answer is written: the server's thread may not be there yet.)
-    eventually(lambda: raw in replays_of(http_server.app), "the whole request kept")
     whole = replays_of(http_server.app)[raw]
     kept = heads_of(http_server.app)[head]
     assert whole is not None
@@ -299,17 +300,19 @@ def test_a_check_head_under_another_request_line_is_answered_without_parsing_it(
 @pytest.mark.parametrize(
     ("line", "status", "parsed"),
     [
-        # Percent-encoded, HTTP/1.0: the parser's own check answer, then kept whole.
+        # Percent-encoded, HTTP/1.0, no device id: the parser's own check answer, then kept
+        # whole.
         (f"GET {CODE_PUSH_PATH}?channel=production&device_id=a%2Db HTTP/1.1", 200, True),
-        (f"GET {CHECK_PATH}?channel=production HTTP/1.0", 200, True),
+        (f"GET {CHECK_PATH}?channel=production&device_id=d-1 HTTP/1.0", 200, True),
+        (f"GET {CHECK_PATH}?channel=production HTTP/1.1", 200, True),
         # Not a plain GET of a check: whatever the parser and the app make of it.
-        (f"GET {CHECK_PATH}?channel=a b HTTP/1.1", 400, False),
-        (f"GET {CHECK_PATH}?channel=\x7f HTTP/1.1", 400, False),
-        (f"POST {CHECK_PATH} HTTP/1.1", 405, False),
-        ("GET /healthz HTTP/1.1", 200, False),
-        (f"GET http://127.0.0.1{CHECK_PATH} HTTP/1.1", 200, False),
+        (f"GET {CHECK_PATH}?channel=a b&device_id=d-1 HTTP/1.1", 400, False),
+        (f"GET {CHECK_PATH}?channel=\x7f&device_id=d-1 HTTP/1.1", 400, False),
+        (f"POST {CHECK_PATH}?device_id=d-1 HTTP/1.1", 405, False),
+        ("GET /healthz?device_id=d-1 HTTP/1.1", 200, False),
+        (f"GET http://127.0.0.1{CHECK_PATH}?device_id=d-1 HTTP/1.1", 200, False),
     ],
-    ids=["percent", "http-1.0", "space", "control", "post", "healthz", "absolute"],
+    ids=["percent", "http-1.0", "no-device", "space", "control", "post", "healthz", "absolute"],
 )
 def test_a_kept_head_under_a_line_that_is_not_a_plain_check_goes_to_the_parser(
     http_server: RunningServer,
@@ -324,15 +327,11 @@ def test_a_kept_head_under_a_line_that_is_not_a_plain_check_goes_to_the_parser(
         raw = line.encode("latin-1") + head
         send(sock, raw)
         answer = read_answer(sock)
-    if parsed:
-        with connect(http_server) as sock:  # the HTTP/1.0 one was closed
-            send(sock, raw)
-            assert read_answer(sock).body == answer.body
     assert answer.status == status, answer.body
     if status == 400:
         assert answer.json()["code"] == "bad_request"
     if parsed:
-        eventually(lambda: raw in replays_of(http_server.app), "the whole request kept")
+        assert {again.body for again in sent_until_kept(http_server, raw)} == {answer.body}
         whole = replays_of(http_server.app)[raw]
         kept = heads_of(http_server.app)[head]
         assert whole is not None

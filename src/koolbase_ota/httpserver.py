@@ -34,7 +34,7 @@ import re
 import socket
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import httptools
@@ -154,44 +154,31 @@ class _Parsed:
     keep_alive: bool
 
 
-#: Slots of `_Replays.seen_again`'s table: a power of two.
-SIGHTINGS = 8192
+class _NotKept:
+    """What a table of replays holds for bytes it has never seen."""
 
 
+_NOT_KEPT = _NotKept()
+
+#: Bytes seen once (None) or again (what the parser made of them): only bytes that come a
+#: second time are kept parsed, so a stream that never repeats costs its bytes, not a parse.
+_Kept = dict[bytes, _Parsed | None]
+
+
+@dataclass(slots=True)
 class _Replays:
     """What the parser made of check requests, per app and process (`OTAHttpProtocol._replay`):
-    whole requests by their exact bytes, and heads by their bytes after the request line.
+    whole requests by their exact bytes, and heads by their bytes after the request line."""
 
-    Bytes are kept parsed only once they come a second time. That they came once is noted in
-    a fixed table of their hashes, so a stream that never repeats (a request id, a device id
-    in each) allocates nothing for it; two bytes strings of one hash only keep a parse early.
-    """
-
-    __slots__ = ("heads", "requests", "sightings")
-
-    def __init__(self) -> None:
-        self.requests: dict[bytes, _Parsed] = {}
-        self.heads: dict[bytes, _Parsed] = {}
-        self.sightings = [0] * SIGHTINGS
-
-    def seen_again(self, key: bytes) -> bool:
-        """Whether `key` came before (as far as the table remembers); noted either way."""
-        sighting = hash(key)
-        slot = sighting & (SIGHTINGS - 1)
-        if self.sightings[slot] == sighting:
-            return True
-        self.sightings[slot] = sighting
-        return False
-
-    @staticmethod
-    def keep(table: dict[bytes, _Parsed], key: bytes, parsed: _Parsed) -> None:
-        if len(table) >= MAX_REPLAYS:
-            table.clear()
-        table[key] = parsed
+    requests: _Kept = field(default_factory=dict)
+    heads: _Kept = field(default_factory=dict)
 
 
 _replays: weakref.WeakKeyDictionary[Any, _Replays] = weakref.WeakKeyDictionary()
 
+#: What a request whose head may be replayed under another request line has in it: the devices
+#: of one app send the same headers and each its own id (other requests skip that table).
+_DEVICE_ID = b"device_id="
 #: A request target a replayed head takes as it is (anything else goes to the parser): a path
 #: and query of characters RFC 3986 allows unescaped, without `%`, `#`, `[` or `]`.
 _PLAIN_TARGET = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,;=:@/?]*")
@@ -204,16 +191,22 @@ def _replays_of(app: Any) -> _Replays:
     return replays
 
 
-def replays_of(app: Any) -> dict[bytes, _Parsed]:
-    """The whole check requests kept parsed for `app`'s connections in this process."""
+def replays_of(app: Any) -> _Kept:
+    """The whole check requests seen for `app`'s connections in this process."""
     return _replays_of(app).requests
 
 
-def heads_of(app: Any) -> dict[bytes, _Parsed]:
-    """The check request heads (less their request line) kept parsed for `app`'s connections:
-    the same headers under another request line. The devices of one app send the same headers
+def heads_of(app: Any) -> _Kept:
+    """The check request heads (less their request line) seen for `app`'s connections: the
+    same headers under another request line. The devices of one app send the same headers
     and each its own `device_id` in the query."""
     return _replays_of(app).heads
+
+
+def _note(table: _Kept, key: bytes, parsed: _Parsed | None) -> None:
+    if len(table) >= MAX_REPLAYS:
+        table.clear()
+    table[key] = parsed
 
 
 class _HeadTooLarge(Exception):
@@ -239,9 +232,9 @@ class OTAHttpProtocol(HttpToolsProtocol):
         }
         #: Parsed check requests by their exact bytes, and heads by theirs after the request
         #: line, shared by the process's connections.
-        self.kept = _replays_of(app)
-        self.replays = self.kept.requests
-        self.heads = self.kept.heads
+        replays = _replays_of(app)
+        self.replays = replays.requests
+        self.heads = replays.heads
         #: The answer to write once the current request's message is complete.
         self.fast_answer: bytes | None = None
         #: Between two requests (no part of the next one read yet); messages begun in the
@@ -305,17 +298,20 @@ class OTAHttpProtocol(HttpToolsProtocol):
         self.last_seen = time.monotonic()
         # A read that may be one whole request, from its first byte.
         replayable = self.at_boundary and len(data) <= MAX_REPLAY_BYTES
-        kept = None
+        kept: _Parsed | _NotKept | None = _NOT_KEPT
         head = None
         if replayable:
-            kept = self.replays.get(data)
-            if kept is not None:
+            kept = self.replays.get(data, _NOT_KEPT)
+            if isinstance(kept, _Parsed):
                 if self._replay(kept, kept.endpoint, kept.path, kept.query):
                     return
-            else:
-                # All after the request line: the same for devices whose queries differ.
+            elif _DEVICE_ID in data:
+                # All after the request line: the same for the devices of one app, which
+                # differ in their `device_id` (other requests that never repeat skip this).
                 head = data[data.find(b"\r\n") :]
-                if self._replay_head(data, head):
+                kept_head = self.heads.get(head)
+                seen = kept is None
+                if kept_head is not None and self._replay_head(data, head, kept_head, seen=seen):
                     return
         self.begun = 0
         self.answered = None
@@ -335,8 +331,7 @@ class OTAHttpProtocol(HttpToolsProtocol):
         if answered is not None and replayable and self.begun == 1 and self.at_boundary:
             # This read was one whole check, parsed from its first byte and answered inline:
             # the same bytes parse the same again, so they need not be parsed again.
-            if kept is None and self.kept.seen_again(data):
-                self.kept.keep(self.replays, data, self._parsed(answered))
+            _note(self.replays, data, None if kept is _NOT_KEPT else self._parsed(answered))
             if head is not None:
                 self._keep_head(data, head, answered)
         if self.head_bytes is not None:
@@ -540,20 +535,19 @@ class OTAHttpProtocol(HttpToolsProtocol):
     def _keep_head(self, data: bytes, head: bytes, endpoint: CheckEndpoint) -> None:
         """Note `head`, all after the request line of `data`, one whole check just parsed and
         answered (see `_replay_head`): kept parsed once it comes again, if HTTP/1.1."""
-        if (
-            head not in self.heads
-            and data.startswith(b" HTTP/1.1", len(data) - len(head) - 9)
-            and self.kept.seen_again(head)
-        ):
-            self.kept.keep(self.heads, head, self._parsed(endpoint))
+        if not data.startswith(b" HTTP/1.1", len(data) - len(head) - 9):
+            return
+        seen = self.heads.get(head, _NOT_KEPT)
+        if seen is None:
+            self.heads[head] = self._parsed(endpoint)
+        elif seen is _NOT_KEPT:
+            _note(self.heads, head, None)
 
-    def _replay_head(self, data: bytes, head: bytes) -> bool:
+    def _replay_head(self, data: bytes, head: bytes, kept: _Parsed, *, seen: bool) -> bool:
         """Answer a read that is a plain `GET <check path>?<query> HTTP/1.1` line before a head
-        already parsed in a check (`head`, all after the line), without parsing it: the
-        parser would make the same of it but the URL. False to parse it after all."""
-        kept = self.heads.get(head)
-        if kept is None:
-            return False
+        already parsed in a check (`head`, all after the line; `kept`, its parse), without
+        parsing it: the parser would make the same of it but the URL. False to parse it after
+        all. `seen`: the whole read came once before."""
         line = data[: len(data) - len(head)]
         if not (line.startswith(b"GET /") and line.endswith(b" HTTP/1.1")):
             return False
@@ -566,9 +560,10 @@ class OTAHttpProtocol(HttpToolsProtocol):
             return False
         # Noted whole as well, as a parsed one is: a request that repeats whole is found
         # whole, the cheaper lookup.
-        if self.kept.seen_again(data):
-            whole = dataclasses.replace(kept, endpoint=endpoint, path=path, query=query)
-            self.kept.keep(self.replays, data, whole)
+        whole = (
+            dataclasses.replace(kept, endpoint=endpoint, path=path, query=query) if seen else None
+        )
+        _note(self.replays, data, whole)
         return True
 
     def _replay(self, parsed: _Parsed, endpoint: CheckEndpoint, path: bytes, query: bytes) -> bool:
