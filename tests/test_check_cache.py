@@ -21,7 +21,7 @@ from sqlalchemy.exc import OperationalError
 from koolbase_ota.bundles import targeting
 from koolbase_ota.sdk import cache as cache_module
 from koolbase_ota.sdk.cache import ANSWER_REUSE_SECONDS
-from koolbase_ota.sdk.check import without_device
+from koolbase_ota.sdk.check import CheckEndpoint, without_device
 from tests.conftest import Project, RunningServer, new_project, released, start_server
 from tests.services import PostgresService
 
@@ -289,6 +289,11 @@ def test_a_query_without_its_device_id_is_its_parts_less_the_one_id() -> None:
         assert without_device(raw) == reference(raw), raw
 
 
+def kept_per_device(endpoint: CheckEndpoint) -> list[bytes | str]:
+    """The queries of the kept answers that name one of the tests' `device-N` devices."""
+    return [query for (_key, query) in endpoint.answers if "device_id=device-" in str(query)]
+
+
 def test_devices_share_a_reused_answer_with_their_rollout_cohort(
     server: RunningServer, client: httpx.Client, project: Project
 ) -> None:
@@ -307,16 +312,12 @@ def test_devices_share_a_reused_answer_with_their_rollout_cohort(
             "/v1/code-push/check", params={**base, "device_id": device}, headers=project.key()
         )
 
-    def kept_per_device() -> list[bytes | str]:
-        """The kept answers whose query names one of `devices`."""
-        return [query for (_key, query) in endpoint.answers if "device_id=device-" in str(query)]
-
     ask(devices[0])  # cold: loads the channel
     endpoint.answers.clear()
     answers = {ask(device).content for device in devices}
     assert len(answers) == 1
     assert b"update_available" in answers.pop()
-    assert kept_per_device() == []
+    assert kept_per_device(endpoint) == []
     assert endpoint.answers[(project.keys["production"], b"channel=production&current_bundle=0")]
     # A device id the check refuses is refused though the shared answer is kept.
     refused = ask("d" * (targeting.MAX_DEVICE_ID_CHARS + 1))
@@ -334,7 +335,7 @@ def test_devices_share_a_reused_answer_with_their_rollout_cohort(
         for device in [*inside[:5], *outside[:5]]:
             status = ask(device).json()["status"]
             assert status == ("update_available" if device in inside else "no_update"), device
-    assert kept_per_device() == []
+    assert kept_per_device(endpoint) == []
     shared = endpoint.answers[(project.keys["production"], b"channel=production&current_bundle=0")]
     (_generation, _until, rollouts, by_cohort) = shared
     assert rollouts == ((bundle["id"], 50),)
@@ -376,9 +377,6 @@ def test_devices_in_two_rollouts_get_their_cohorts_answer_and_many_rollouts_are_
                 return int(bundle["version"])
         return None
 
-    def kept_per_device() -> int:
-        return sum("device_id=device-" in str(query) for (_key, query) in endpoint.answers)
-
     offered(devices[0])  # cold: loads the channel
     for _ in range(2):
         assert [offered(device) for device in devices] == [expected(d) for d in devices]
@@ -387,7 +385,7 @@ def test_devices_in_two_rollouts_get_their_cohorts_answer_and_many_rollouts_are_
     cohorts = {targeting.rollout_cohort(device, rollouts) for device in devices}
     assert sorted(by_cohort) == sorted(cohorts)
     assert len(cohorts) == 4  # all four occur among 60 devices
-    assert kept_per_device() == 0
+    assert kept_per_device(endpoint) == []
 
     monkeypatch.setattr(cache_module, "MAX_SHARED_ROLLOUTS", 1)
     path = project.path(f"/bundles/{older['id']}")
@@ -404,7 +402,7 @@ def test_devices_in_two_rollouts_get_their_cohorts_answer_and_many_rollouts_are_
             else None
             for device in devices
         ]
-    assert kept_per_device() == len(devices)
+    assert len(kept_per_device(endpoint)) == len(devices)
 
 
 def test_shared_answers_never_cross_devices_as_a_rollout_comes_and_goes(

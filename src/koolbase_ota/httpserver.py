@@ -45,7 +45,7 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
-from koolbase_ota.sdk.check import CheckEndpoint
+from koolbase_ota.sdk.check import DEVICE_ID_FIELD, CheckEndpoint
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("koolbase_ota.access")
@@ -176,9 +176,8 @@ class _Replays:
 
 _replays: weakref.WeakKeyDictionary[Any, _Replays] = weakref.WeakKeyDictionary()
 
-#: What a request whose head may be replayed under another request line has in it: the devices
-#: of one app send the same headers and each its own id (other requests skip that table).
-_DEVICE_ID = b"device_id="
+#: How the request line of a check whose head may be replayed ends.
+_HTTP_11 = b" HTTP/1.1"
 #: A request target a replayed head takes as it is (anything else goes to the parser): a path
 #: and query of characters RFC 3986 allows unescaped, without `%`, `#`, `[` or `]`.
 _PLAIN_TARGET = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,;=:@/?]*")
@@ -305,7 +304,7 @@ class OTAHttpProtocol(HttpToolsProtocol):
             if isinstance(kept, _Parsed):
                 if self._replay(kept, kept.endpoint, kept.path, kept.query):
                     return
-            elif _DEVICE_ID in data:
+            elif DEVICE_ID_FIELD in data:
                 # All after the request line: the same for the devices of one app, which
                 # differ in their `device_id` (other requests that never repeat skip this).
                 head = data[data.find(b"\r\n") :]
@@ -535,7 +534,7 @@ class OTAHttpProtocol(HttpToolsProtocol):
     def _keep_head(self, data: bytes, head: bytes, endpoint: CheckEndpoint) -> None:
         """Note `head`, all after the request line of `data`, one whole check just parsed and
         answered (see `_replay_head`): kept parsed once it comes again, if HTTP/1.1."""
-        if not data.startswith(b" HTTP/1.1", len(data) - len(head) - 9):
+        if not data.startswith(_HTTP_11, len(data) - len(head) - len(_HTTP_11)):
             return
         seen = self.heads.get(head, _NOT_KEPT)
         if seen is None:
@@ -549,9 +548,9 @@ class OTAHttpProtocol(HttpToolsProtocol):
         parsing it: the parser would make the same of it but the URL. False to parse it after
         all. `seen`: the whole read came once before."""
         line = data[: len(data) - len(head)]
-        if not (line.startswith(b"GET /") and line.endswith(b" HTTP/1.1")):
+        if not (line.startswith(b"GET /") and line.endswith(_HTTP_11)):
             return False
-        target = line[4:-9]
+        target = line[4 : -len(_HTTP_11)]
         if _PLAIN_TARGET.fullmatch(target) is None:
             return False
         path, _, query = target.partition(b"?")

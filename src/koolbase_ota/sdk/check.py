@@ -85,7 +85,8 @@ Reused = tuple[int, float, tuple[tuple[str, int], ...] | None, dict[int, Answer]
 #: Bounds of the reused answers (`CheckEndpoint.cached_outcome`): entries, and request size.
 _MAX_REUSED = 10_000
 _MAX_REUSED_REQUEST = 512
-_DEVICE_ID_FIELD = b"device_id="
+#: How a query names the device: `device_id=<id>`.
+DEVICE_ID_FIELD = b"device_id="
 _AMPERSAND = ord("&")
 
 
@@ -98,10 +99,10 @@ def without_device(raw_query: bytes | str) -> tuple[bytes, str] | None:
     if mentions != 1:
         return None if mentions == 0 else _without_device_parts(raw_query)
     # The one mention must begin a part and be a field: `device_id=`.
-    at = raw_query.find(_DEVICE_ID_FIELD)
+    at = raw_query.find(DEVICE_ID_FIELD)
     if at < 0 or (at > 0 and raw_query[at - 1] != _AMPERSAND):
         return None
-    start = at + len(_DEVICE_ID_FIELD)
+    start = at + len(DEVICE_ID_FIELD)
     end = raw_query.find(b"&", at)
     if end < 0:  # the last part
         return raw_query[: max(at - 1, 0)], raw_query[start:].decode("latin-1")
@@ -113,10 +114,10 @@ def _without_device_parts(raw_query: bytes) -> tuple[bytes, str] | None:
     others = []
     device = None
     for part in raw_query.split(b"&"):
-        if part.startswith(_DEVICE_ID_FIELD):
+        if part.startswith(DEVICE_ID_FIELD):
             if device is not None:
                 return None
-            device = part[len(_DEVICE_ID_FIELD) :]
+            device = part[len(DEVICE_ID_FIELD) :]
         elif part == b"device_id":
             return None
         else:
