@@ -226,6 +226,45 @@ def test_two_checks_in_one_read_are_both_answered_and_not_kept_as_one(
     assert raw + raw not in replays_of(http_server.app)
 
 
+@pytest.mark.parametrize("kept", ["whole", "head"])
+def test_a_connection_answered_by_replays_alone_outlives_the_header_timeout(
+    tmp_path: Path, kept: str
+) -> None:
+    """The header timeout is for a request head that never ends. A connection whose every
+    request, from its first, is answered from a kept parse (whole, or its head under another
+    device's request line) stays open past it."""
+    server = start_server(tmp_path, header_timeout_seconds=1)
+    try:
+        project, _offer = published(server, make_zip({"config.json": b"{}"}))
+        key = project.keys["production"]
+        if kept == "whole":
+            raw = request(CHECK_PATH, key=key)
+            sent_until_kept(server, raw)
+
+            def next_request(n: int) -> bytes:
+                return raw
+
+        else:
+            with connect(server) as sock:
+                kept_head(server, sock, key)
+
+            def next_request(n: int) -> bytes:
+                target = f"{CODE_PUSH_PATH}?channel=production&current_bundle=0&device_id=d-{n}"
+                return request(target, key=key)
+
+        with connect(server) as sock:
+            started = time.monotonic()
+            answered = 0
+            while time.monotonic() - started < 2.5:
+                send(sock, next_request(answered))
+                answer = read_answer(sock)
+                assert answer.status == 200, f"cut off after {answered} answers"
+                answered += 1
+                time.sleep(0.1)
+    finally:
+        server.stop()
+
+
 def kept_head(server: RunningServer, sock: socket.socket, key: str) -> bytes:
     """Send code-push checks with one head, each from another device, until the server keeps
     the head parsed (the first answers may be cold); the head, less its request line."""

@@ -582,6 +582,12 @@ class OTAHttpProtocol(HttpToolsProtocol):
         )
         if answer is None:
             return False
+        if self.head_bytes is not None:
+            # The connection's first request: it is between requests now, as after a parsed
+            # one. The header timeout armed when it opened is for a head that never ends, and
+            # would cut off a connection answered by replays alone.
+            self.head_bytes = None
+            self._cancel_head_timer()
         self.transport.write(answer)
         self.server_state.total_requests += 1
         if not parsed.keep_alive:
