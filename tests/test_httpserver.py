@@ -20,7 +20,13 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from koolbase_ota.httpserver import MAX_HEADERS, heads_of, render_answer, replays_of
+from koolbase_ota.httpserver import (
+    MAX_HEADERS,
+    OTAHttpProtocol,
+    heads_of,
+    render_answer,
+    replays_of,
+)
 from koolbase_ota.sdk.check import CHECK_PATH
 from koolbase_ota.sdk.codepush import CODE_PUSH_PATH
 from tests.api.test_upload import host_port
@@ -141,6 +147,60 @@ def test_a_warm_check_answers_as_the_app_does(
     assert fast.body == through_app.body
     assert without_date(fast) == without_date(through_app)
     assert "date" in fast.headers
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "?channel=production&version=0",
+        "?channel=production&version=999",
+        "?channel=staging",
+        "?version=abc",
+        "?channel=production&app_version=1.2&platform=ios&device_id=d-1",
+    ],
+)
+def test_a_check_that_never_repeats_is_read_without_the_parser(
+    http_server: RunningServer,
+    released_project: tuple[Project, dict[str, Any]],
+    query: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Behind a proxy every check carries its own header (the device's address; here a
+    request id): no read repeats, whole or in its head. A plain one is read by the server
+    itself (`read_plain_get`), not httptools, and answered as the app answers it."""
+    project, _offer = released_project
+    key = project.keys["production"]
+
+    def varied(path: str, n: int) -> bytes:
+        return request(path + query, key=key, extra=f"X-Request-Id: {os.urandom(4).hex()}-{n}\r\n")
+
+    with connect(http_server) as sock:
+        send(sock, varied(CHECK_THROUGH_APP, 0))
+        app = read_answer(sock)
+        for n in range(2):  # the first may be cold
+            send(sock, varied(CHECK_PATH, n))
+            read_answer(sock)
+    begun: list[OTAHttpProtocol] = []
+    parse = OTAHttpProtocol.on_message_begin
+
+    def counted(protocol: OTAHttpProtocol) -> None:
+        begun.append(protocol)
+        parse(protocol)
+
+    # The parser takes its callbacks from a connection's protocol when the connection opens.
+    monkeypatch.setattr(OTAHttpProtocol, "on_message_begin", counted)
+    with connect(http_server) as sock:
+        answers = []
+        for n in range(5):
+            send(sock, varied(CHECK_PATH, n))
+            answers.append(read_answer(sock))
+        send(sock, varied(CHECK_THROUGH_APP, 9))  # and the parser still reads the rest
+        assert read_answer(sock).body == app.body
+    assert len(begun) == 1
+    for answer in answers:
+        assert answer.status == app.status
+        assert answer.body == app.body
+        assert without_date(answer) == without_date(app)
 
 
 @pytest.mark.parametrize(

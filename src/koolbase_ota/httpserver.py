@@ -9,7 +9,9 @@ more than the whole of a warm check, which needs no I/O. `OTAHttpProtocol` chang
   that repeats, byte for byte, a whole check request seen before (devices of one app send the
   same bytes) is not even parsed again: what the parser made of it is kept (`replays_of`);
   nor is one that repeats a check's head under another plain request line (devices that
-  send their id in the query: `heads_of`).
+  send their id in the query: `heads_of`). A check of the plainest kind that repeats neither
+  (every request its own header, as behind a proxy) is read by the server itself
+  (`read_plain_get`), only where httptools would make exactly the same of its bytes.
 - **Files go out with sendfile(2)**: the app gets ASGI's `http.response.pathsend` and
   `http.response.zerocopysend` extensions, and the server sends the file, or one range of it,
   without the bytes passing through Python (on the standard asyncio loop, which `serve` uses
@@ -34,6 +36,7 @@ import re
 import socket
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -141,9 +144,12 @@ MAX_REPLAYS = 1024
 MAX_REPLAY_BYTES = 2048
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Parsed:
-    """What the parser made of one whole check request: all its answer depends on."""
+    """What the parser (or `read_plain_get`) made of one whole check request: all its answer
+    depends on. Never changed once made (kept ones are shared by connections); not frozen, as
+    a frozen dataclass costs a microsecond more to make, and one is made per request read
+    by `_answer_plain`."""
 
     endpoint: CheckEndpoint
     path: bytes
@@ -180,7 +186,46 @@ _replays: weakref.WeakKeyDictionary[Any, _Replays] = weakref.WeakKeyDictionary()
 _HTTP_11 = b" HTTP/1.1"
 #: A request target a replayed head takes as it is (anything else goes to the parser): a path
 #: and query of characters RFC 3986 allows unescaped, without `%`, `#`, `[` or `]`.
-_PLAIN_TARGET = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,;=:@/?]*")
+_PLAIN_TARGET = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,;=:@/?]*+")
+
+#: A header line the server reads itself (`read_plain_get`): a token, a colon, and a value of
+#: visible ASCII, spaces and tabs. Leading spaces and tabs are not the value's; trailing ones
+#: are, as httptools keeps them. No obs-fold, no obs-text, no bare CR or LF.
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]++"
+_VALUE = rb"(?:[\x21-\x7e][\t\x20-\x7e]*+)?+"
+_HEADER_LINES = re.compile(rb"(%s):[ \t]*+(%s)\r\n" % (_TOKEN, _VALUE))
+#: The plainest whole request head: `GET <plain target> HTTP/1.1`, at most `MAX_HEADERS` header
+#: lines, and the empty line, ending the read.
+_PLAIN_GET = re.compile(
+    rb"GET (%s) HTTP/1\.1\r\n((?:%s:[ \t]*+%s\r\n){0,%d}+)\r\n"
+    % (_PLAIN_TARGET.pattern, _TOKEN, _VALUE, MAX_HEADERS)
+)
+#: Headers that put a request beyond `read_plain_get`: a body, or a say in the connection.
+_NOT_PLAIN = frozenset(
+    [b"content-length", b"transfer-encoding", b"connection", b"upgrade", b"expect"]
+)
+
+
+def read_plain_get(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]], bytes | None] | None:
+    """The target, the headers (names in lower case) and the last `x-api-key` of `data`, when it
+    is exactly one whole request head of the plainest kind (`_PLAIN_GET`), with no body and no
+    say in the connection (no `_NOT_PLAIN` header, but a single `content-length: 0`): what
+    httptools makes of the same bytes, for far less. None for anything else, which the parser
+    then reads; nothing the parser refuses is read here."""
+    match = _PLAIN_GET.fullmatch(data)
+    if match is None:
+        return None
+    headers = [(name.lower(), value) for name, value in _HEADER_LINES.findall(match[2])]
+    api_key = None
+    length_seen = False
+    for name, value in headers:
+        if name == b"x-api-key":
+            api_key = value
+        elif name in _NOT_PLAIN:
+            if name != b"content-length" or value != b"0" or length_seen:
+                return None
+            length_seen = True
+    return match[1], headers, api_key
 
 
 def _replays_of(app: Any) -> _Replays:
@@ -312,6 +357,8 @@ class OTAHttpProtocol(HttpToolsProtocol):
                 seen = kept is None
                 if kept_head is not None and self._replay_head(data, head, kept_head, seen=seen):
                     return
+            if self._answer_plain(data, kept, head):
+                return
         self.begun = 0
         self.answered = None
         try:
@@ -332,7 +379,7 @@ class OTAHttpProtocol(HttpToolsProtocol):
             # the same bytes parse the same again, so they need not be parsed again.
             _note(self.replays, data, None if kept is _NOT_KEPT else self._parsed(answered))
             if head is not None:
-                self._keep_head(data, head, answered)
+                self._keep_head(data, head, lambda: self._parsed(answered))
         if self.head_bytes is not None:
             # Still inside a request head after this read. A read the head began in may also
             # hold the end of the request before it, so only the reads after it count in
@@ -531,14 +578,47 @@ class OTAHttpProtocol(HttpToolsProtocol):
             keep_alive=self.parser.should_keep_alive(),
         )
 
-    def _keep_head(self, data: bytes, head: bytes, endpoint: CheckEndpoint) -> None:
-        """Note `head`, all after the request line of `data`, one whole check just parsed and
-        answered (see `_replay_head`): kept parsed once it comes again, if HTTP/1.1."""
+    def _answer_plain(
+        self, data: bytes, kept: _Parsed | _NotKept | None, head: bytes | None
+    ) -> bool:
+        """Answer a read that is one whole check of the plainest kind (`read_plain_get`) from
+        the server's own reading of it, without the parser; False to parse it after all. A
+        read that never repeats whole or in its head (every request its own header, as
+        behind a proxy that adds the client's address) is read here. `kept` and `head` are
+        as `data_received` found them: the read is noted for replay as a parsed one is."""
+        read = read_plain_get(data)
+        if read is None:
+            return False
+        target, headers, api_key = read
+        path, _, query = target.partition(b"?")
+        endpoint = self.checks.get(path)
+        if endpoint is None:
+            return False
+        parsed = _Parsed(
+            endpoint=endpoint,
+            path=path,
+            query=query,
+            api_key=None if api_key is None else api_key.decode("latin-1"),
+            headers=headers,
+            http_version="1.1",
+            keep_alive=True,
+        )
+        if not self._replay(parsed, endpoint, path, query):
+            return False
+        _note(self.replays, data, None if kept is _NOT_KEPT else parsed)
+        if head is not None:
+            self._keep_head(data, head, lambda: parsed)
+        return True
+
+    def _keep_head(self, data: bytes, head: bytes, parsed: Callable[[], _Parsed]) -> None:
+        """Note `head`, all after the request line of `data`, one whole check just read and
+        answered (see `_replay_head`): kept parsed (`parsed()`) once it comes again, if
+        HTTP/1.1."""
         if not data.startswith(_HTTP_11, len(data) - len(head) - len(_HTTP_11)):
             return
         seen = self.heads.get(head, _NOT_KEPT)
         if seen is None:
-            self.heads[head] = self._parsed(endpoint)
+            self.heads[head] = parsed()
         elif seen is _NOT_KEPT:
             _note(self.heads, head, None)
 
