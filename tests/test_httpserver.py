@@ -8,6 +8,7 @@ files go out with sendfile(2); each must answer exactly what the app would, and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -323,6 +324,89 @@ def test_a_connection_answered_by_replays_alone_outlives_the_header_timeout(
                 time.sleep(0.1)
     finally:
         server.stop()
+
+
+#: The most asyncio reads from a socket at once (`selector_events`' `max_size`), and the
+#: write buffer past which a transport asks its protocol to pause writing.
+READ_BYTES = 256 * 1024
+HIGH_WATER = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def patient_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A server with the default keep-alive timeout: a client that stops reading for a
+    while is not idle at once, as it is on `http_server`."""
+    running = start_server(tmp_path_factory.mktemp("patient"))
+    yield running
+    running.stop()
+
+
+def flood(server: RunningServer, raw: bytes, *, seconds: float, answers: int) -> tuple[int, int]:
+    """Send `raw` back to back on one connection for `seconds` without reading an answer,
+    then read `answers` answers (more than the server held: reading resumed). The most
+    requests the server held queued in a connection's pipeline and bytes in its write buffer
+    meanwhile."""
+    connections = server._server.server_state.connections
+    most_queued = most_buffered = 0
+    batch = raw * 100
+    pending = b""
+    sent = 0
+    with connect(server) as sock:
+        sock.settimeout(1)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):  # the server is not reading
+                pending = pending or batch
+                taken = sock.send(pending)
+                pending = pending[taken:]
+                sent += taken
+            for protocol in list(connections):
+                assert isinstance(protocol, OTAHttpProtocol)
+                most_queued = max(most_queued, len(protocol.pipeline))
+                if protocol.transport is not None:
+                    buffered = protocol.transport.get_write_buffer_size()
+                    most_buffered = max(most_buffered, buffered)
+        assert sent // len(raw) > answers
+        sock.settimeout(30)
+        received = bytearray()
+        while received.count(b"HTTP/1.1 200 OK\r\n") < answers:
+            chunk = sock.recv(1 << 20)
+            assert chunk, "closed before the answers came"
+            received += chunk
+    return most_queued, most_buffered
+
+
+def test_a_client_that_never_reads_is_not_read_past_one_read_of_answers(
+    patient_server: RunningServer,
+) -> None:
+    """Checks answered inline do not wait for their answers to be sent: a client that sends
+    them back to back and never reads had them buffered without end (150 MB in 5 s here).
+    Once a connection's unsent answers pass the high-water mark, it is not read again until
+    they drain: at most one read's answers past the mark."""
+    project, _offer = published(patient_server, make_zip({"config.json": b"{}"}))
+    raw = request(CHECK_PATH + "?channel=staging", key=project.keys["production"])
+    with connect(patient_server) as sock:
+        kept_for_replay(patient_server, sock, raw)  # warm: answered inline from the start
+        send(sock, raw)
+        answer_bytes = len(sock.recv(65536))
+    per_read = READ_BYTES // len(raw) + 1
+    most_queued, most_buffered = flood(patient_server, raw, seconds=1, answers=3 * per_read)
+    assert most_queued == 0
+    assert HIGH_WATER < most_buffered <= HIGH_WATER + per_read * answer_bytes
+
+
+def test_a_client_that_pipelines_without_end_is_not_read_past_one_read_of_requests(
+    patient_server: RunningServer,
+) -> None:
+    """Requests the app answers, pipelined behind one in flight, wait in a queue, each with
+    its cycle. uvicorn read on after every response, so a client that pipelines without end
+    queued a whole read of requests per answer (100,000 queued in 5 s here). Reading now
+    waits until the queue is answered: at most one read of requests queued."""
+    project, _offer = published(patient_server, make_zip({"config.json": b"{}"}))
+    raw = request(CHECK_THROUGH_APP + "?channel=staging", key=project.keys["production"])
+    per_read = READ_BYTES // len(raw) + 1
+    most_queued, _most_buffered = flood(patient_server, raw, seconds=1, answers=2 * per_read)
+    assert 0 < most_queued <= per_read
 
 
 def kept_head(server: RunningServer, sock: socket.socket, key: str) -> bytes:

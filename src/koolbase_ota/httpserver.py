@@ -36,12 +36,14 @@ import re
 import socket
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import httptools
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
     HttpToolsProtocol,
@@ -257,6 +259,25 @@ class _HeadTooLarge(Exception):
     """Raised from a parser callback to stop parsing a request head past its bounds."""
 
 
+class _FlowControl(FlowControl):
+    """uvicorn's, with reading kept paused while pipelined requests wait their turn.
+
+    uvicorn pauses reading when a request is queued behind one in flight, and resumes it after
+    every response and whenever the app asks for a body. A client that pipelines without end
+    then had a whole read of requests (thousands, each with its cycle) queued per answer:
+    memory without bound. Every queued request but the last has its whole body (the parser
+    reads them in order), so the only one that may still need reading is the last, which
+    runs once the queue is empty: reading resumes then."""
+
+    def __init__(self, transport: asyncio.Transport, pipeline: deque[Any]) -> None:
+        super().__init__(transport)
+        self.pipeline = pipeline
+
+    def resume_reading(self) -> None:
+        if not self.pipeline:
+            super().resume_reading()
+
+
 class OTAHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with warm checks answered inline and files sent by sendfile.
 
@@ -302,6 +323,7 @@ class OTAHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.flow = _FlowControl(transport, self.pipeline)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # asyncio sets this only on sockets it created itself; a worker's inherited
@@ -400,10 +422,25 @@ class OTAHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         self.last_seen = time.monotonic()
-        self.flow.resume_reading()
+        self.flow.resume_reading()  # not while requests are queued: see `_FlowControl`
         if self.pipeline:
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
+
+    def pause_writing(self) -> None:
+        # The answers not yet sent passed the transport's high-water mark. The app's path
+        # waits for them to drain, one response at a time; a check answered inline does not,
+        # so a client that sends checks and never reads would have their answers buffered
+        # without end. Read no more from it until it takes them.
+        super().pause_writing()
+        self.flow.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        # Unless the app's path holds reading paused for itself (a response still going
+        # out): it resumes it when that response ends.
+        if self.cycle is None or self.cycle.response_complete:
+            self.flow.resume_reading()
 
     def send_400_response(self, msg: str) -> None:
         self._refuse(_BAD_REQUEST)
