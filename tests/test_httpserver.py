@@ -111,7 +111,9 @@ def read_answers(sock: socket.socket, count: int) -> list[Answer]:
             headers[name.strip().lower()] = value.strip()
         end = head_end + 4 + int(headers.get("content-length", "0"))
         while len(data) < end:
-            data += sock.recv(65536)
+            chunk = sock.recv(65536)
+            assert chunk, f"closed inside answer {len(answers) + 1}"
+            data += chunk
         answers.append(Answer(int(status_line.split()[1]), headers, data[head_end + 4 : end]))
         data = data[end:]
     return answers
@@ -395,6 +397,49 @@ def test_a_client_that_never_reads_is_not_read_past_one_read_of_answers(
     assert HIGH_WATER < most_buffered <= HIGH_WATER + per_read * answer_bytes
 
 
+def protocol_of(server: RunningServer, sock: socket.socket) -> OTAHttpProtocol:
+    """The server's protocol of the connection `sock` is the client end of."""
+    for _ in range(100):
+        for protocol in list(server._server.server_state.connections):
+            assert isinstance(protocol, OTAHttpProtocol)
+            if protocol.client == sock.getsockname()[:2]:
+                return protocol
+        time.sleep(0.01)
+    raise AssertionError("no such connection")
+
+
+def test_a_response_that_ends_past_the_high_water_mark_does_not_let_answers_pile_up(
+    patient_server: RunningServer,
+) -> None:
+    """When the app's response is what fills the write buffer, the end of that response
+    resumed reading although its bytes had not drained: checks sent after it, never read,
+    were then answered inline and buffered without end. Reading resumes only as the buffer
+    drains."""
+    project, _offer = published(patient_server, make_zip({"config.json": b"{}"}))
+    raw = request(CHECK_PATH + "?channel=staging", key=project.keys["production"])
+    sent_until_kept(patient_server, raw)  # warm: answered inline from the start
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(host_port(patient_server))
+        protocol = protocol_of(patient_server, sock)
+        for _ in range(500):  # app responses, unread, until they pass the high-water mark
+            send(sock, request("/openapi.json"))
+            time.sleep(0.02)
+            if protocol.flow.write_paused and protocol.cycle.response_complete:
+                break
+        assert protocol.flow.write_paused, "the app's responses never filled the buffer"
+        buffered = protocol.transport.get_write_buffer_size()
+        answered = patient_server._server.server_state.total_requests
+        sock.setblocking(False)
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline:
+            with contextlib.suppress(BlockingIOError):
+                sock.send(raw * 100)
+            time.sleep(0.001)
+        assert protocol.transport.get_write_buffer_size() == buffered
+        assert patient_server._server.server_state.total_requests == answered
+
+
 def test_a_client_that_pipelines_without_end_is_not_read_past_one_read_of_requests(
     patient_server: RunningServer,
 ) -> None:
@@ -623,10 +668,50 @@ def test_a_check_with_a_body_keeps_the_connection_in_step(
     assert after.body == b'{"has_update":false}'
 
 
+def test_a_check_that_expects_100_continue_is_answered_without_its_body(
+    http_server: RunningServer, released_project: tuple[Project, dict[str, Any]]
+) -> None:
+    """As the app answers it (a check reads no body): at once, where the inline path held the
+    answer for a body the client waits to be asked for."""
+    project, _offer = released_project
+    key = project.keys["production"]
+    with connect(http_server) as sock:
+        send(sock, request(CHECK_PATH, key=key))
+        warm = read_answer(sock)
+        send(
+            sock,
+            request(CHECK_PATH, key=key, extra="Expect: 100-continue\r\nContent-Length: 5\r\n"),
+        )
+        answer = read_answer(sock)
+    assert answer.status == 200
+    assert answer.body == warm.body
+
+
+def test_a_check_whose_body_never_comes_is_closed_when_idle(
+    http_server: RunningServer, released_project: tuple[Project, dict[str, Any]]
+) -> None:
+    """A warm check's answer waits for the body its head announced; a client that never
+    sends it is as idle as one between requests, and was never closed."""
+    project, _offer = released_project
+    key = project.keys["production"]
+    with connect(http_server) as sock:
+        send(sock, request(CHECK_PATH, key=key))
+        assert read_answer(sock).status == 200
+        send(sock, request(CHECK_PATH, key=key, extra="Content-Length: 10\r\n"))
+        started = time.monotonic()
+        assert sock.recv(1) == b""  # closed by the server, unanswered
+        assert time.monotonic() - started < IDLE_SECONDS + 5
+
+
 @pytest.mark.parametrize(
     ("version", "extra"),
-    [("1.0", ""), ("1.1", "Connection: close\r\n")],
-    ids=["http-1.0", "connection-close"],
+    [
+        ("1.0", ""),
+        ("1.1", "Connection: close\r\n"),
+        ("1.1", "Proxy-Connection: close\r\n"),
+        ("1.0", "Connection: keep-alive\r\n"),
+    ],
+    ids=["http-1.0", "connection-close", "proxy-connection-close", "http-1.0-keep-alive"],
 )
 def test_a_check_that_asks_to_close_is_answered_then_closed(
     http_server: RunningServer,
@@ -634,16 +719,29 @@ def test_a_check_that_asks_to_close_is_answered_then_closed(
     version: str,
     extra: str,
 ) -> None:
+    """Answered then closed, with `connection: close`, every time: parsed, and once kept,
+    replayed (the parser forgets whether to keep the connection once the message is
+    complete: a kept parse read it then, and every later copy of the request kept the
+    connection open). An HTTP/1.0 connection is never kept, as uvicorn decides."""
     project, _offer = released_project
     key = project.keys["production"]
     with connect(http_server) as sock:
         send(sock, request(CHECK_PATH, key=key))  # warm the cache on a kept connection
         read_answer(sock)
-    with connect(http_server) as sock:
-        send(sock, request(CHECK_PATH, key=key, version=version, extra=extra))
-        answer = read_answer(sock)
-        assert answer.status == 200
-        assert sock.recv(1) == b""  # closed by the server
+    raw = request(CHECK_PATH, key=key, version=version, extra=extra)
+    kept_after = None
+    for sent in range(20):
+        with connect(http_server) as sock:
+            send(sock, raw)
+            answer = read_answer(sock)
+            assert answer.status == 200
+            assert answer.headers.get("connection") == "close"
+            assert sock.recv(1) == b""  # closed by the server
+        if kept_after is None and replays_of(http_server.app).get(raw) is not None:
+            kept_after = sent
+        if kept_after is not None and sent >= kept_after + 2:
+            break
+    assert kept_after is not None, "never kept for replay"
 
 
 def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(
@@ -658,6 +756,29 @@ def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(
         assert time.monotonic() - started < IDLE_SECONDS + 5
     with connect(http_server) as sock:  # and one that never sent a byte
         assert sock.recv(1) == b""
+
+
+def test_a_head_pipelined_behind_a_long_download_is_not_cut_off_by_the_header_timeout(
+    tmp_path: Path,
+) -> None:
+    """The header timeout is for a head that never ends. One that begins behind a download,
+    and cannot be read until the file is sent (sendfile holds reading), has its time from
+    the download's end: the connection was cut off mid-file."""
+    server = start_server(tmp_path, header_timeout_seconds=1)
+    try:
+        bundle = make_zip({"data.bin": os.urandom(6 * 1024 * 1024)})  # > any socket buffer
+        project, offer = published(server, bundle)
+        check = request(CHECK_PATH + "?channel=staging", key=project.keys["production"])
+        with connect(server) as sock:
+            send(sock, request(offer["download_url"].removeprefix(server.base_url)) + check[:20])
+            time.sleep(0.3)
+            send(sock, check[20:])
+            time.sleep(1.5)  # the file waits on us, past the header timeout
+            download, after = read_answers(sock, 2)
+    finally:
+        server.stop()
+    assert download.body == bundle
+    assert after.body == b'{"has_update":false}'
 
 
 def test_a_connection_is_idle_from_the_end_of_its_last_response(
@@ -692,8 +813,9 @@ def test_a_malformed_request_gets_a_json_400(http_server: RunningServer) -> None
     [
         b"".join(b"X-Header-%d: v\r\n" % number for number in range(MAX_HEADERS + 1)),
         b"X-Huge: " + b"a" * (128 * 1024) + b"\r\n",
+        b"".join(b"X-Part-%d: " % number + b"a" * (30 * 1024) + b"\r\n" for number in range(3)),
     ],
-    ids=["too-many", "too-large"],
+    ids=["too-many", "too-large", "too-large-together"],
 )
 def test_a_request_head_past_its_bounds_is_431(
     http_server: RunningServer, released_project: tuple[Project, dict[str, Any]], head: bytes

@@ -202,9 +202,17 @@ _PLAIN_GET = re.compile(
     rb"GET (%s) HTTP/1\.1\r\n((?:%s:[ \t]*+%s\r\n){0,%d}+)\r\n"
     % (_PLAIN_TARGET.pattern, _TOKEN, _VALUE, MAX_HEADERS)
 )
-#: Headers that put a request beyond `read_plain_get`: a body, or a say in the connection.
+#: Headers that put a request beyond `read_plain_get`: a body, or a say in the connection
+#: (llhttp takes `Proxy-Connection` as it takes `Connection`).
 _NOT_PLAIN = frozenset(
-    [b"content-length", b"transfer-encoding", b"connection", b"upgrade", b"expect"]
+    [
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"proxy-connection",
+        b"upgrade",
+        b"expect",
+    ]
 )
 
 
@@ -260,21 +268,28 @@ class _HeadTooLarge(Exception):
 
 
 class _FlowControl(FlowControl):
-    """uvicorn's, with reading kept paused while pipelined requests wait their turn.
+    """uvicorn's, with reading kept paused while pipelined requests wait their turn or
+    answers wait to be sent.
 
     uvicorn pauses reading when a request is queued behind one in flight, and resumes it after
     every response and whenever the app asks for a body. A client that pipelines without end
     then had a whole read of requests (thousands, each with its cycle) queued per answer:
     memory without bound. Every queued request but the last has its whole body (the parser
     reads them in order), so the only one that may still need reading is the last, which
-    runs once the queue is empty: reading resumes then."""
+    runs once the queue is empty: reading resumes then. Likewise while the write buffer is
+    past its high-water mark (`OTAHttpProtocol.pause_writing`): a response that ends there
+    must not let checks answered inline pile up behind it; reading resumes as it drains."""
 
     def __init__(self, transport: asyncio.Transport, pipeline: deque[Any]) -> None:
         super().__init__(transport)
         self.pipeline = pipeline
+        #: Reading was asked to resume while answers waited to drain: it does once they do.
+        self.deferred = False
 
     def resume_reading(self) -> None:
-        if not self.pipeline:
+        if self.write_paused:
+            self.deferred = True
+        elif not self.pipeline:
             super().resume_reading()
 
 
@@ -283,6 +298,8 @@ class OTAHttpProtocol(HttpToolsProtocol):
 
     The checks and the settings are found on the loaded app (`koolbase_ota.app.OTAApp`).
     """
+
+    flow: _FlowControl
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -300,18 +317,22 @@ class OTAHttpProtocol(HttpToolsProtocol):
         replays = _replays_of(app)
         self.replays = replays.requests
         self.heads = replays.heads
-        #: The answer to write once the current request's message is complete.
+        #: The answer to write once the current request's message is complete, and whether
+        #: the connection stays open after it.
         self.fast_answer: bytes | None = None
+        self.keep_alive = True
         #: Between two requests (no part of the next one read yet); messages begun in the
         #: current read; the endpoint of a check it answers inline (see `replays_of`).
         self.at_boundary = True
         self.begun = 0
         self.answered: CheckEndpoint | None = None
         self.api_key: bytes | None = None
-        #: Bytes, reads and headers of the request head so far; bytes None once it is complete.
+        #: Bytes, reads and headers of the request head so far (bytes None once it is
+        #: complete), and the size of its URL, header names and values.
         self.head_bytes: int | None = 0
         self.head_reads = 0
         self.head_headers = 0
+        self.head_size = 0
         self.head_timer: asyncio.TimerHandle | None = None
         #: When the client last sent something or its last response ended (`time.monotonic`,
         #: the loop's clock), and the one idle timer that checks it: cheaper than uvicorn's
@@ -349,10 +370,10 @@ class OTAHttpProtocol(HttpToolsProtocol):
             return
         idle = time.monotonic() - self.last_seen
         # A request in flight, or one whose head is arriving (the header timeout's case).
-        busy = (
-            (self.cycle is not None and not self.cycle.response_complete)
-            or self.fast_answer is not None
-            or (self.head_bytes is not None and self.head_reads > 0)
+        # Not a check whose answer waits for a body the client has gone quiet on: that is
+        # the client's silence, as between two requests.
+        busy = (self.cycle is not None and not self.cycle.response_complete) or (
+            self.head_bytes is not None and self.head_reads > 0
         )
         if idle >= self.timeout_keep_alive and not busy:
             self.transport.close()
@@ -423,6 +444,10 @@ class OTAHttpProtocol(HttpToolsProtocol):
             return
         self.last_seen = time.monotonic()
         self.flow.resume_reading()  # not while requests are queued: see `_FlowControl`
+        if self.head_bytes is not None:
+            # The next request's head began behind this response: its time starts now.
+            self._cancel_head_timer()
+            self._arm_head_timer()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
@@ -438,9 +463,12 @@ class OTAHttpProtocol(HttpToolsProtocol):
     def resume_writing(self) -> None:
         super().resume_writing()
         # Unless the app's path holds reading paused for itself (a response still going
-        # out): it resumes it when that response ends.
-        if self.cycle is None or self.cycle.response_complete:
-            self.flow.resume_reading()
+        # out) and did not ask for it meanwhile (a body it waits for): it resumes it when
+        # that response ends.
+        flow = self.flow
+        if flow.deferred or self.cycle is None or self.cycle.response_complete:
+            flow.deferred = False
+            flow.resume_reading()
 
     def send_400_response(self, msg: str) -> None:
         self._refuse(_BAD_REQUEST)
@@ -462,9 +490,14 @@ class OTAHttpProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self.head_timer = None
-        if self.head_bytes is not None and not self.transport.is_closing():
-            # No request head completed in time: a client that never finishes (slowloris).
-            self.transport.close()
+        if self.head_bytes is None or self.transport.is_closing():
+            return
+        if (self.cycle is not None and not self.cycle.response_complete) or self.pipeline:
+            # A head pipelined behind a response still going out (a long download) is not
+            # read on until that response ends: its time starts again then.
+            return
+        # No request head completed in time: a client that never finishes (slowloris).
+        self.transport.close()
 
     # Parser callbacks
 
@@ -481,6 +514,7 @@ class OTAHttpProtocol(HttpToolsProtocol):
         self.head_bytes = 0
         self.head_reads = 0
         self.head_headers = 0
+        self.head_size = 0
 
     def _new_scope(self) -> None:
         """The scope uvicorn's `on_message_begin` would have made."""
@@ -498,13 +532,16 @@ class OTAHttpProtocol(HttpToolsProtocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        if len(self.url) > MAX_HEAD_BYTES:
+        self.head_size += len(url)
+        if self.head_size > MAX_HEAD_BYTES:
             raise _HeadTooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # uvicorn's, inline (this runs for every header of every request), with our bounds.
+        # uvicorn's, inline (this runs for every header of every request), with our bounds:
+        # the URL, names and values together, however the head came in reads.
         self.head_headers += 1
-        if self.head_headers > MAX_HEADERS or len(name) + len(value) > MAX_HEAD_BYTES:
+        self.head_size += len(name) + len(value)
+        if self.head_headers > MAX_HEADERS or self.head_size > MAX_HEAD_BYTES:
             raise _HeadTooLarge
         name = name.lower()
         if name == b"x-api-key":
@@ -520,20 +557,20 @@ class OTAHttpProtocol(HttpToolsProtocol):
             self.checks
             and (self.cycle is None or self.cycle.response_complete)
             and not self.pipeline
+            and not self.expect_100_continue
             and self.parser.get_method() == b"GET"
         ):
             path, _, query = self.url.partition(b"?")
             endpoint = self.checks.get(path)
             if endpoint is not None:
                 api_key = None if self.api_key is None else self.api_key.decode("latin-1")
+                # As uvicorn decides it (an HTTP/1.0 connection is never kept), and read now:
+                # once the message is complete the parser has forgotten it.
+                self.keep_alive = (
+                    self.parser.should_keep_alive() and self.parser.get_http_version() != "1.0"
+                )
                 self.fast_answer = self._answer(
-                    endpoint,
-                    path,
-                    query,
-                    api_key,
-                    self.headers,
-                    None,
-                    self.parser.should_keep_alive(),
+                    endpoint, path, query, api_key, self.headers, None, self.keep_alive
                 )
                 if self.fast_answer is not None:
                     self.answered = endpoint
@@ -561,7 +598,7 @@ class OTAHttpProtocol(HttpToolsProtocol):
         self.fast_answer = None
         self.transport.write(answer)
         self.server_state.total_requests += 1
-        if not self.parser.should_keep_alive():
+        if not self.keep_alive:
             self.transport.close()
 
     # The warm check
@@ -612,7 +649,7 @@ class OTAHttpProtocol(HttpToolsProtocol):
             api_key=None if self.api_key is None else self.api_key.decode("latin-1"),
             headers=self.headers,
             http_version=self.parser.get_http_version(),
-            keep_alive=self.parser.should_keep_alive(),
+            keep_alive=self.keep_alive,
         )
 
     def _answer_plain(
