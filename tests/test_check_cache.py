@@ -3,11 +3,13 @@ at least half their lifetime, changes invalidate, and a database outage leaves w
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 import socket
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -15,12 +17,15 @@ from urllib.parse import parse_qs, urlparse
 
 import httpx
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, func, insert, select
 from sqlalchemy.exc import OperationalError
 
+from koolbase_ota import changes
 from koolbase_ota.bundles import targeting
+from koolbase_ota.db import Database, utcnow
+from koolbase_ota.projects.service import MAX_PUBLIC_KEY_LENGTH
 from koolbase_ota.sdk import cache as cache_module
-from koolbase_ota.sdk.cache import ANSWER_REUSE_SECONDS
+from koolbase_ota.sdk.cache import ANSWER_REUSE_SECONDS, EXPIRY_ROUNDING_SECONDS
 from koolbase_ota.sdk.check import CheckEndpoint, without_device
 from tests.conftest import Project, RunningServer, new_project, released, start_server
 from tests.services import PostgresService
@@ -119,6 +124,22 @@ def test_unknown_keys_are_cached_too(
     statements.statements.clear()
     for _ in range(20):
         assert client.get(CHECK, headers=bad).status_code == 401
+    assert statements.statements == []
+
+
+@pytest.mark.parametrize("length", [MAX_PUBLIC_KEY_LENGTH + 1, 60_000])
+def test_a_key_longer_than_any_is_refused_without_being_kept(
+    server: RunningServer, client: httpx.Client, statements: StatementLog, length: int
+) -> None:
+    """Unknown keys are kept so a flood of them never reaches the database, each costing its
+    length: made-up keys of 60 KB grew a server by 57 KB a request, up to the map's bound of
+    200,000. One longer than any key we hand out is refused as it is, and not kept."""
+    key = "pk_live_" + "0" * (length - 8)
+    for _ in range(3):
+        answer = client.get(CHECK, headers={"x-api-key": key})
+        assert answer.status_code == 401
+        assert answer.json()["code"] == "invalid_api_key"
+    assert key not in server.context.check_cache.keys
     assert statements.statements == []
 
 
@@ -224,8 +245,10 @@ def test_every_url_handed_out_is_valid_for_at_least_half_the_ttl(
     assert offer is not None
     assert offer.offer is not None
     # Renewed early enough that an answer reused for up to ANSWER_REUSE_SECONDS after its
-    # URL's renewal is due still carries at least half the lifetime.
-    assert offer.offer.renew_at - time.monotonic() <= ttl / 2 - ANSWER_REUSE_SECONDS
+    # URL's renewal is due still carries at least half the lifetime, though its expiry was
+    # rounded down to a whole second (a URL was seen with 29.93 s left of a 60 s TTL).
+    early = ANSWER_REUSE_SECONDS + EXPIRY_ROUNDING_SECONDS
+    assert offer.offer.renew_at - time.monotonic() <= ttl / 2 - early
 
 
 def test_identical_checks_reuse_the_answer_for_at_most_a_second_and_not_across_a_change(
@@ -457,6 +480,57 @@ def test_changes_reach_the_cached_answer_at_once_in_this_process(
         == 204
     )
     assert client.get(CHECK, headers=project.key()).json() == {"has_update": False}
+
+
+def logged(db: Database, count: int, *, age_seconds: float = 0) -> None:
+    """`count` changes of a channel nobody has, made `age_seconds` ago."""
+    made = utcnow() - dt.timedelta(seconds=age_seconds)
+    row = {"project_id": uuid.uuid4(), "kind": changes.BUNDLES, "channel": "elsewhere"}
+    with db.write() as session:
+        session.execute(insert(changes.ChangeEvent), [{**row, "created_at": made}] * count)
+
+
+def test_a_busy_change_log_does_not_hide_a_new_change(
+    server_factory: Callable[..., RunningServer],
+) -> None:
+    """Every poll looks back a minute for late commits. With more changes in that minute
+    than a poll reads (10,000), they filled every poll and a new change reached no process,
+    not even the one that made it, until they aged out: 60 s of stale answers."""
+    server = server_factory()
+    project = new_project(server.db)
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+        bundle = released(client, project)
+        assert client.get(CHECK, headers=project.key()).json()["mandatory"] is False
+        logged(server.db, 10_100)
+        time.sleep(server.settings.cache_refresh_seconds * 3)  # polled: all applied
+        path = project.path(f"/bundles/{bundle['id']}")
+        assert client.patch(path, headers=project.auth, json={"mandatory": True}).status_code == 200
+        assert client.get(CHECK, headers=project.key()).json()["mandatory"] is True
+
+
+def test_the_change_log_reads_every_new_change_and_the_newest_recent_ones(
+    server: RunningServer,
+) -> None:
+    db = server.db
+    logged(db, 5)
+    seen = changes.latest_id(db)
+    logged(db, 7)
+    found = [change.id for change in changes.changes_since(db, seen, limit=3)]
+    assert found == [seen - 2, seen - 1, seen, *range(seen + 1, seen + 8)]
+
+
+def test_pruning_the_change_log_keeps_its_newest_change(
+    server_factory: Callable[..., RunningServer],
+) -> None:
+    """On SQLite the next id is one past the largest left: an emptied log would hand out ids
+    every process has already seen."""
+    db = server_factory().db
+    logged(db, 3, age_seconds=2 * 3600)
+    newest = changes.latest_id(db)
+    changes.prune(db)
+    with db.read() as session:
+        assert session.scalar(select(func.count()).select_from(changes.ChangeEvent)) == 1
+    assert changes.latest_id(db) == newest
 
 
 @pytest.fixture

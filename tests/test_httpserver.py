@@ -206,6 +206,21 @@ def test_a_check_that_never_repeats_is_read_without_the_parser(
         assert without_date(answer) == without_date(app)
 
 
+def test_a_check_with_a_fragment_answers_as_without_it(
+    http_server: RunningServer, released_project: tuple[Project, dict[str, Any]]
+) -> None:
+    """uvicorn leaves a fragment out of the query, and so the app did on a cold check; the
+    inline path kept it, so a warm one answered 400 `invalid_version` (`0#frag`)."""
+    project, offer = released_project
+    key = project.keys["production"]
+    with connect(http_server) as sock:
+        for _ in range(3):
+            send(sock, request(CHECK_PATH + "?channel=production&version=0#frag", key=key))
+            answer = read_answer(sock)
+            assert answer.status == 200, answer.body
+            assert answer.json()["version"] == offer["version"]
+
+
 @pytest.mark.parametrize(
     "key", ["pk_live_000000000000000000000000", None], ids=["unknown-key", "no-key"]
 )

@@ -63,30 +63,56 @@ def latest_id(db: Database) -> int:
 LOOK_BACK = dt.timedelta(seconds=60)
 
 
-#: The poll's query, built once: every process runs it several times a second beside the
-#: checks it serves, and building it (and an ORM session around it) each time was most of a
-#: poll's cost, which holds the interpreter lock the checks need.
-_CHANGES_SINCE = (
-    select(ChangeEvent.id, ChangeEvent.project_id, ChangeEvent.kind, ChangeEvent.channel)
-    .where((ChangeEvent.id > bindparam("last_id")) | (ChangeEvent.created_at >= bindparam("since")))
+#: The poll's queries, built once: every process runs them several times a second beside the
+#: checks it serves, and building them (and an ORM session around them) each time was most of
+#: a poll's cost, which holds the interpreter lock the checks need. New changes, a page at a
+#: time from the oldest; and the look-back's, newest first (a late commit took a recent id).
+#: Apart, so a look-back full of changes already applied never crowds out a new one: in one
+#: query with one limit, more than `limit` changes in the last LOOK_BACK hid every newer one
+#: from every process until they aged out of it.
+_COLUMNS = (ChangeEvent.id, ChangeEvent.project_id, ChangeEvent.kind, ChangeEvent.channel)
+_LIMIT = bindparam("limit", type_=Integer())
+_NEW_CHANGES = (
+    select(*_COLUMNS)
+    .where(ChangeEvent.id > bindparam("last_id"))
     .order_by(ChangeEvent.id)
-    .limit(bindparam("limit", type_=Integer()))
+    .limit(_LIMIT)
+)
+_RECENT_CHANGES = (
+    select(*_COLUMNS)
+    .where(ChangeEvent.id <= bindparam("last_id"), ChangeEvent.created_at >= bindparam("since"))
+    .order_by(ChangeEvent.id.desc())
+    .limit(_LIMIT)
 )
 
 
 def changes_since(db: Database, last_id: int, *, limit: int = 10_000) -> list[Change]:
-    """Changes after `last_id`, and every change of the last LOOK_BACK, oldest first."""
+    """Every change after `last_id`, and up to `limit` of the last LOOK_BACK's (the newest),
+    oldest first."""
     # A plain connection, not a session: a read, rolled back when the connection closes.
     with db.engine.connect() as connection:
-        rows = connection.execute(
-            _CHANGES_SINCE, {"last_id": last_id, "since": utcnow() - LOOK_BACK, "limit": limit}
-        )
+        recent = {"last_id": last_id, "since": utcnow() - LOOK_BACK, "limit": limit}
+        found = list(connection.execute(_RECENT_CHANGES, recent))
+        found.reverse()
+        after = last_id
+        while True:
+            page = list(connection.execute(_NEW_CHANGES, {"last_id": after, "limit": limit}))
+            found += page
+            if len(page) < limit:
+                break
+            after = page[-1].id
         return [
-            Change(id=r.id, project_id=r.project_id, kind=r.kind, channel=r.channel) for r in rows
+            Change(id=r.id, project_id=r.project_id, kind=r.kind, channel=r.channel) for r in found
         ]
 
 
 def prune(db: Database, *, older_than: dt.timedelta = dt.timedelta(hours=1)) -> None:
-    """Forget changes every process has long seen."""
+    """Forget changes every process has long seen, but the newest: on SQLite the next id is
+    one past the largest left, and an emptied table would hand out ids already seen."""
+    newest = select(func.max(ChangeEvent.id)).scalar_subquery()
     with db.write() as session:
-        session.execute(delete(ChangeEvent).where(ChangeEvent.created_at < utcnow() - older_than))
+        session.execute(
+            delete(ChangeEvent).where(
+                ChangeEvent.created_at < utcnow() - older_than, ChangeEvent.id < newest
+            )
+        )

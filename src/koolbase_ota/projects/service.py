@@ -229,9 +229,13 @@ def token_owner(db: Database, *, token: str) -> TokenOwner:
     return TokenOwner(project_id=row.project_id, token_id=row.id)
 
 
+#: Longer than any public key we hand out (32 characters), so never one.
+MAX_PUBLIC_KEY_LENGTH = 100
+
+
 def project_for_public_key(db: Database, *, public_key: str) -> uuid.UUID | None:
     """The project whose environment has this public key, or None."""
-    if len(public_key) > 100:
+    if len(public_key) > MAX_PUBLIC_KEY_LENGTH:
         return None
     digest = hash_secret(public_key)
     with db.read() as session:

@@ -51,6 +51,9 @@ MAX_ENTRIES = 200_000
 #: most this long, and never across an invalidation; download URLs are renewed this much
 #: early, so a reused answer still carries a URL valid for at least half its lifetime.
 ANSWER_REUSE_SECONDS = 1.0
+#: What a URL's expiry may lose to rounding: the embedded signer's `expires` and S3's
+#: `X-Amz-Date` are whole seconds, rounded down. Renewal is this much earlier still.
+EXPIRY_ROUNDING_SECONDS = 1.0
 PRUNE_EVERY_SECONDS = 600
 K = TypeVar("K")
 V = TypeVar("V")
@@ -131,7 +134,8 @@ class Release:
         if now >= self.renew_at:
             self.url = store.download_url(self.storage_path, ttl_seconds=ttl_seconds)
             self.bodies = {}
-            self.renew_at = now + max(ttl_seconds / 2 - ANSWER_REUSE_SECONDS, 0.0)
+            early = ANSWER_REUSE_SECONDS + EXPIRY_ROUNDING_SECONDS
+            self.renew_at = now + max(ttl_seconds / 2 - early, 0.0)
         key = (kind, mandatory)
         body = self.bodies.get(key)
         if body is None:

@@ -24,6 +24,7 @@ from starlette.types import Scope, Send
 from koolbase_ota.bundles import targeting
 from koolbase_ota.bundles.schemas import ErrorOut
 from koolbase_ota.deps import AppContext, ContextDep
+from koolbase_ota.projects.service import MAX_PUBLIC_KEY_LENGTH
 from koolbase_ota.ratelimit import RateLimits
 from koolbase_ota.sdk.cache import (
     ANSWER_REUSE_SECONDS,
@@ -201,6 +202,10 @@ def resolve_cached(
     api_key, channel = request.api_key, request.channel
     if not api_key:
         return _fail("missing_api_key", hit=hit)
+    if len(api_key) > MAX_PUBLIC_KEY_LENGTH:
+        # No key is this long: refused without a lookup, and not kept as unknown either (a
+        # flood of long made-up keys would cost their length each, up to the map's bound).
+        return _fail("invalid_api_key", hit=hit)
     project_id = cache.keys.get(api_key, _MISSING)
     if project_id is _MISSING:
         if loaded is None or "key" not in loaded:
