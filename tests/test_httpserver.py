@@ -910,6 +910,52 @@ def test_a_client_that_leaves_mid_download_does_not_disturb_others(
     )
 
 
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_client_gone_before_its_download_starts_leaves_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that hangs up while its download is planned (a cold read of the bundle's
+    checksum, slowed here as a busy database would) gets nothing: uvicorn drops the response
+    start, and sending the file then raised, logged as an error of the app."""
+    server = start_server(tmp_path)
+    try:
+        project, offer = published(server, make_zip({"config.json": b"{}"}))
+        cache = server.context.check_cache
+        lookup = cache.checksum_of
+
+        async def slow_lookup(storage_path: str) -> str | None:
+            await asyncio.sleep(0.5)
+            return await lookup(storage_path)
+
+        monkeypatch.setattr(cache, "checksum_of", slow_lookup)
+        target = offer["download_url"].removeprefix(server.base_url)
+        errors = _Collect()
+        uvicorn_log = logging.getLogger("uvicorn")  # uvicorn's own: it does not propagate
+        uvicorn_log.addHandler(errors)
+        try:
+            for extra in ("", "Range: bytes=0-9\r\n"):
+                with connect(server) as sock:
+                    send(sock, request(target, extra=extra))
+                    time.sleep(0.1)
+                time.sleep(0.8)  # the lookup ends, and the file would be sent
+        finally:
+            uvicorn_log.removeHandler(errors)
+        with connect(server) as sock:  # and the server goes on
+            send(sock, request(CHECK_PATH, key=project.keys["production"]))
+            assert read_answer(sock).status == 200
+    finally:
+        server.stop()
+    assert errors.records == [], [record.getMessage() for record in errors.records]
+
+
 def test_serve_runs_this_protocol_by_default(tmp_path: Path) -> None:
     from tests.test_e2e import serving
 

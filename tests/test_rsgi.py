@@ -1,8 +1,9 @@
-"""`serve` on granian's RSGI interface (the default) answers as the plain ASGI app does.
+"""`serve` on granian's RSGI interface answers as the plain ASGI app does, and as uvicorn
+with our protocol (the default) does.
 
 Signed downloads are sent from Rust (files and single ranges); everything else goes through
-the RSGI-to-ASGI bridge in `koolbase_ota.rsgi`. Each case runs against a real `serve` in both
-modes, so any difference between the two is a failure here.
+the RSGI-to-ASGI bridge in `koolbase_ota.rsgi`. Each case runs against a real `serve` in every
+mode, so any difference between them is a failure here.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _publish(server: Server, interface: str) -> Published:
     return Published(server, interface, check.json()["download_url"], content, bundle_id)
 
 
-@pytest.fixture(scope="module", params=["rsgi", "asgi"])
+@pytest.fixture(scope="module", params=["rsgi", "asgi", "uvicorn"])
 def published(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Published]:
@@ -112,9 +113,58 @@ def test_ranges_the_fast_path_leaves_to_the_app_are_still_answered(
     assert several.headers["content-type"].startswith("multipart/byteranges")
     unsatisfiable = _get(published.url, Range=f"bytes={len(published.content) + 5}-")
     assert unsatisfiable.status_code == 416
+    assert unsatisfiable.json()["code"] == "range_not_satisfiable"
     stale = _get(published.url, Range="bytes=0-9", **{"If-Range": '"not-the-etag"'})
     assert stale.status_code == 200
     assert stale.content == published.content
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "part"),
+    [
+        # A unit the server does not know: the Range is ignored (RFC 9110 14.2).
+        ([("Range", "items=0-5")], 200, None),
+        # An invalid range set: 416, as JSON like every error (Starlette's was plain text).
+        ([("Range", "bytes=5-3")], 416, None),
+        ([("Range", "bytes=abc")], 416, None),
+        ([("Range", "bytes=")], 416, None),
+        # A set with one satisfiable part is satisfiable: that part.
+        ([("Range", "bytes=0-0,999999999-")], 206, (0, 1)),
+        # Two Range headers: the first, on every path.
+        ([("Range", "bytes=0-9"), ("Range", "bytes=20-29")], 206, (0, 10)),
+        # An If-Range that does not match: the whole file, whatever the Range says.
+        ([("Range", "bytes=5-3"), ("If-Range", '"not-the-etag"')], 200, None),
+    ],
+    ids=["unknown-unit", "backwards", "not-numbers", "empty", "one-part-within", "two", "if-range"],
+)
+def test_ranges_are_read_as_rfc_9110_reads_them(
+    published: Published,
+    headers: list[tuple[str, str]],
+    status: int,
+    part: tuple[int, int] | None,
+) -> None:
+    response = httpx.get(published.url, headers=headers, timeout=30)
+    assert response.status_code == status
+    size = len(published.content)
+    if status == 416:
+        assert response.json()["code"] == "range_not_satisfiable"
+        assert response.headers["content-range"] == f"bytes */{size}"
+    elif part is None:
+        assert response.content == published.content
+    else:
+        assert response.content == published.content[part[0] : part[1]]
+        assert response.headers["content-range"] == f"bytes {part[0]}-{part[1] - 1}/{size}"
+        assert "last-modified" in response.headers
+
+
+def test_a_path_encoded_twice_is_decoded_once(published: Published) -> None:
+    """`%256F` is `%6F`, not `o`: granian's RSGI path is already decoded, and decoding it
+    again served the file under a path that was never signed."""
+    twice = published.url.replace("/v1/downloads/ota/", "/v1/downloads/%256Fta/")
+    assert twice != published.url
+    response = _get(twice)
+    assert response.status_code == 403
+    assert response.json()["code"] == "invalid_signature"
 
 
 def test_head_tells_the_length_without_a_body(published: Published) -> None:

@@ -51,6 +51,11 @@ class PayloadTooLarge(OTAError):
     default_code = "payload_too_large"
 
 
+class RangeNotSatisfiable(OTAError):
+    status_code = 416
+    default_code = "range_not_satisfiable"
+
+
 class UnsupportedMediaType(OTAError):
     status_code = 415
     default_code = "unsupported_media_type"

@@ -836,6 +836,10 @@ class _FileSending:
         self, send: Send, file: BinaryIO, offset: int | None, count: int | None, *, more_body: bool
     ) -> None:
         cycle = self.cycle
+        if cycle.disconnected:
+            # The client left, perhaps before the response could start (uvicorn then drops
+            # `http.response.start` without a word): nothing to send, nothing to complain of.
+            return
         if not cycle.response_started or cycle.response_complete:
             raise RuntimeError("a file can only be sent within a started response")
         if cycle.scope["method"] != "HEAD" and not cycle.disconnected:

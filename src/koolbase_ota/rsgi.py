@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote
 
 from koolbase_ota.app import OTAApp, create_app
 from koolbase_ota.config import Settings
@@ -75,7 +75,7 @@ class RSGIApp:
         context = self.app.state.context
         plan = await served_plan(
             context,
-            unquote(scope.path[len(DOWNLOAD_PREFIX) :]),
+            scope.path[len(DOWNLOAD_PREFIX) :],  # granian decodes the path: not again
             scope.query_string,
             range_header=headers.get("range"),
             if_range="if-range" in headers,
@@ -103,15 +103,17 @@ def _address(text: str) -> tuple[str, int] | None:
 
 async def _bridge(app: OTAApp, scope: Any, protocol: Any) -> None:
     """One request through the ASGI app: RSGI's scope and protocol as ASGI's."""
-    raw_path: str = scope.path
+    # granian hands over the path percent-decoded, as ASGI's `path`; decoding it again read
+    # `%2541` as `A`. The raw bytes are gone: `raw_path` is the path encoded again.
+    path: str = scope.path
     asgi_scope: dict[str, Any] = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.4"},
         "http_version": scope.http_version,
         "method": scope.method,
         "scheme": scope.scheme,
-        "path": unquote(raw_path),
-        "raw_path": raw_path.encode("latin-1", "replace"),
+        "path": path,
+        "raw_path": quote(path).encode("ascii"),
         "query_string": scope.query_string.encode("latin-1", "replace"),
         "root_path": "",
         "headers": [
@@ -129,7 +131,7 @@ async def _bridge(app: OTAApp, scope: Any, protocol: Any) -> None:
         await app(asgi_scope, receive, sender)
     except Exception:
         # The app's own handlers answer every error; this is the net below them.
-        logger.exception("unhandled error in %s %s", scope.method, raw_path)
+        logger.exception("unhandled error in %s %s", scope.method, path)
         if not sender.started:
             protocol.response_bytes(500, [("content-type", "application/json")], _INTERNAL_ERROR)
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -18,7 +19,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from koolbase_ota.bundles.schemas import ErrorOut
 from koolbase_ota.deps import AppContext, ContextDep
-from koolbase_ota.errors import Forbidden, NotFound
+from koolbase_ota.errors import Forbidden, NotFound, RangeNotSatisfiable
 from koolbase_ota.sdk.cache import CheckCache
 from koolbase_ota.security import check_headers
 from koolbase_ota.storage import ObjectNotFound
@@ -44,24 +45,102 @@ _MESSAGES = {
         206: {"content": {"application/zip": {}}},
         403: {"model": ErrorOut},
         404: {"model": ErrorOut},
+        416: {"model": ErrorOut},
     },
     summary="Download a bundle through a signed URL (embedded default only)",
 )
 async def download(key: str, request: Request, context: ContextDep) -> Response:
+    range_header = request.headers.get("range")
+    if_range = request.headers.get("if-range")
     plan = await plan_download(
         context,
         key,
         request.query_params.multi_items(),
-        range_header=request.headers.get("range"),
-        if_range="if-range" in request.headers,
+        range_header=range_header,
+        if_range=if_range is not None,
     )
-    if plan.span is not None and request.method == "GET":
-        return await _partial(plan)
-    # Whole files go out through the server's `http.response.pathsend` where it has it
-    # (granian does): the bytes never pass through Python.
-    return FileResponse(
-        plan.path, media_type="application/zip", headers=plan.headers, stat_result=plan.stat
-    )
+    if plan.other_range:
+        ranges = requested_ranges(range_header, if_range, plan)
+        if ranges == []:
+            raise RangeNotSatisfiable(
+                "range not satisfiable",
+                headers={"Content-Range": f"bytes */{plan.stat.st_size}"},
+            )
+        if ranges is not None and len(ranges) == 1 and ranges[0][1] - ranges[0][0] <= _ONE_READ:
+            plan = dataclasses.replace(plan, span=ranges[0], other_range=False)
+        else:
+            return _FileAnswer(plan, ranges)
+    if plan.span is not None:
+        if request.method == "GET":
+            return await _partial(plan)
+        return _FileAnswer(plan, [plan.span])  # HEAD: the range's headers, no body
+    return _FileAnswer(plan, None)
+
+
+class _FileAnswer(FileResponse):
+    """The whole file, or the `ranges` already checked (`requested_ranges`), whatever the
+    request's own Range and If-Range say: Starlette reads those again, and answers what it
+    does not take with a plain-text 400 or 416. Whole files go out through the server's
+    `http.response.pathsend` where it has it (granian does): the bytes never pass through
+    Python."""
+
+    def __init__(self, plan: Plan, ranges: list[tuple[int, int]] | None) -> None:
+        super().__init__(
+            plan.path, media_type="application/zip", headers=plan.headers, stat_result=plan.stat
+        )
+        self.ranges = ranges
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(n, v) for n, v in scope["headers"] if n not in (b"range", b"if-range")]
+        if self.ranges is not None:
+            spec = ",".join(f"{start}-{end - 1}" for start, end in self.ranges)
+            headers.append((b"range", b"bytes=" + spec.encode()))
+        await super().__call__({**scope, "headers": headers}, receive, send)
+
+
+#: One part of a byte range set (RFC 9110 14.1.1): `first-last`, `first-` or `-suffix`.
+_RANGE_SPEC = re.compile(r"(\d+)-(\d*)|-(\d+)")
+#: More parts than this and the Range header is ignored (Starlette's bound).
+_MAX_RANGES = 100
+
+
+def requested_ranges(
+    header: str | None, if_range: str | None, plan: Plan
+) -> list[tuple[int, int]] | None:
+    """The satisfiable parts of a Range header as (start, end exclusive), as RFC 9110 reads
+    it: None to send the whole file (no Range, another unit than bytes, an If-Range that does
+    not match, or too many parts), [] for 416 (an invalid range set, or no part within the
+    file)."""
+    if header is None:
+        return None
+    if if_range is not None and (
+        if_range.startswith("W/")
+        or if_range not in (plan.headers["ETag"], _http_date(plan.stat.st_mtime))
+    ):
+        return None
+    unit, equals, spec = header.partition("=")
+    if not equals or unit.strip().lower() != "bytes":
+        return None
+    parts = [part.strip() for part in spec.split(",")]
+    if len(parts) > _MAX_RANGES:
+        return None
+    size = plan.stat.st_size
+    ranges: list[tuple[int, int]] = []
+    for part in filter(None, parts):
+        match = _RANGE_SPEC.fullmatch(part)
+        if match is None:
+            return []
+        first, last, suffix = match.groups()
+        if first is not None:
+            start = int(first)
+            if last and int(last) < start:
+                return []
+            end = min(int(last) + 1, size) if last else size
+        else:
+            start, end = max(size - int(suffix), 0), size
+        if start < end:
+            ranges.append((start, end))
+    return ranges
 
 
 @dataclass(frozen=True)
@@ -148,7 +227,11 @@ def _single_range(header: str | None, size: int) -> tuple[int, int] | None:
 async def _partial(plan: Plan) -> Response:
     assert plan.span is not None
     start, end = plan.span
-    headers = {**plan.headers, **range_headers(start, end, plan.stat.st_size)}
+    headers = {
+        **plan.headers,
+        "Last-Modified": _http_date(plan.stat.st_mtime),
+        **range_headers(start, end, plan.stat.st_size),
+    }
     return _RangeResponse(plan.path, start, end, headers)
 
 
@@ -240,7 +323,8 @@ async def send_download(context: AppContext, scope: Scope, send: Send) -> bool:
     if_range = origin = False
     for name, value in scope["headers"]:
         if name == b"range":
-            range_header = value.decode("latin-1")
+            if range_header is None:  # the first, as the route reads it
+                range_header = value.decode("latin-1")
         elif name == b"if-range":
             if_range = True
         elif name == b"origin":
