@@ -17,9 +17,14 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytest
+
+from koolbase_ota.config import load_or_create_secret_key
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "koolbase-ota"
 DB_FILE = "koolbase-ota.db"
@@ -281,7 +286,20 @@ def test_bad_input_is_refused_with_one_error_line(tmp_path: Path) -> None:
         (("key", "rotate", "--project", project_id, "--environment", "qa"), "qa"),
     ]
 
+    token = created["dashboard_token"]
+    key = created["public_keys"]["production"]
+    cases += [
+        # A secret given where its id belongs is named, never shown whole (CI keeps stderr).
+        (("token", "revoke", token), token[:14] + "…"),
+        (("token", "create", "--project", key), key[:12] + "…"),
+        (("token", "create", "--project", project_id, "--expires-in", "0"), "expires-in"),
+        (("token", "create", "--project", project_id, "--expires-in", "3000000"), "expires-in"),
+    ]
+
     results = run_cli_all(tmp_path, [args for args, _ in cases])
+    for result in results:
+        assert token not in result.stderr + result.stdout
+        assert key not in result.stderr + result.stdout
 
     problems = [
         problem
@@ -294,6 +312,27 @@ def test_bad_input_is_refused_with_one_error_line(tmp_path: Path) -> None:
     for key in created["public_keys"].values():
         assert sha256_hex(key).encode() in stored
     assert query(tmp_path, "SELECT count(*), count(revoked_at) FROM dashboard_tokens") == [(1, 0)]
+
+
+@pytest.mark.parametrize("content", ["", "\n", "short-but-not-empty"])
+def test_a_secret_key_file_without_a_usable_key_is_refused(tmp_path: Path, content: str) -> None:
+    """An empty key file (an older version's crash between creating and writing it) was
+    used as it was: download URLs signed with an empty key, which anyone can forge."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "secret_key").write_text(content)
+    result = run_cli(data_dir, "db", "upgrade")
+    assert not cli_error_problems(result, "secret_key")
+    assert (data_dir / "secret_key").read_text() == content  # left for the operator to see
+
+
+def test_processes_starting_at_once_make_one_whole_secret_key(tmp_path: Path) -> None:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        keys = set(pool.map(lambda _: load_or_create_secret_key(tmp_path), range(32)))
+    assert len(keys) == 1
+    assert len(keys.pop()) >= 32
+    assert [path.name for path in tmp_path.iterdir()] == ["secret_key"]  # no temporary left
+    assert mode(tmp_path / "secret_key") == 0o600
 
 
 def test_a_bad_setting_is_named_without_its_value(tmp_path: Path) -> None:

@@ -3,13 +3,16 @@ never carry a secret."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from koolbase_ota.logs import RedactingFilter, logging_config
 from tests.conftest import Project, RunningServer, make_zip, new_project, released, start_server
 from tests.services import PostgresService, SeaweedService
 from tests.test_cli import create_project
@@ -135,6 +138,34 @@ def test_json_logs_carry_no_token_key_or_signature(tmp_path: Path) -> None:
     assert any("/v1/sdk/ota/check" in entry["message"] for entry in entries)
     for secret in (token, key, signature):
         assert secret not in log
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_logged_traceback_carries_no_token_key_or_signature(log_format: str) -> None:
+    """The filter scrubs a record's message; a traceback is written by the formatter, and
+    the text one (the default) wrote it raw."""
+    config = logging_config(log_format)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(config["formatters"]["default"]["()"]())
+    handler.addFilter(RedactingFilter())
+    logger = logging.getLogger("koolbase_ota.tests.secrets")
+    logger.propagate = False
+    logger.addHandler(handler)
+    token = "kbota_" + "t" * 40
+    key = "pk_live_" + "0123456789abcdef01234567"
+    signature = "0f" * 32
+    try:
+        raise RuntimeError(f"refused {token} for {key} at /x?expires=1&signature={signature}")
+    except RuntimeError:
+        logger.exception("the request failed")
+    finally:
+        logger.removeHandler(handler)
+    written = stream.getvalue()
+    assert "the request failed" in written
+    assert "RuntimeError" in written
+    for secret in (token, key, signature):
+        assert secret not in written
 
 
 def test_each_backend_pair_serves_the_whole_flow(server: RunningServer) -> None:

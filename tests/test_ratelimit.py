@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -127,6 +128,23 @@ def test_failure_window_failures_of_an_old_window_do_not_add_up() -> None:
     assert window.retry_after("a") is None
 
 
+def test_failure_window_counts_attempts_in_flight_as_failures() -> None:
+    """Attempts begun and not yet ended count against the limit, so a burst cannot pass the
+    check before the first of it fails; one that ends well frees its place."""
+    window = FailureWindow(limit=3, window_seconds=60, max_entries=10, clock=FakeClock())
+    for _ in range(3):
+        assert window.begin("a") is None
+    assert window.begin("a") == 1  # three in flight: wait for them
+    assert window.begin("b") is None
+    window.end("a", failed=False)
+    assert window.begin("a") is None
+    for _ in range(3):
+        window.end("a", failed=True)
+    assert window.begin("a") == 60  # three failed: the window's wait
+    window.end("b", failed=False)
+    assert window.pending == {}  # nothing kept for attempts that ended
+
+
 def test_failure_window_memory_is_bounded() -> None:
     window = FailureWindow(limit=1, window_seconds=60, max_entries=100, clock=FakeClock())
     for number in range(10_000):
@@ -200,8 +218,9 @@ def test_limits_set_to_zero_are_off() -> None:
     assert limits.auth_failures is None
     for _ in range(10_000):
         assert limits.check("pk_live_x", "198.51.100.1") is None
-        limits.auth_failed("198.51.100.1")
-    assert limits.auth_retry_after("198.51.100.1") is None
+        assert limits.auth_begin("198.51.100.1") is None
+        limits.auth_end("198.51.100.1", failed=True)
+    assert limits.auth_begin("198.51.100.1") is None
 
 
 def test_defaults_limit_the_address_and_auth_failures_but_not_the_key() -> None:
@@ -374,6 +393,25 @@ def test_failed_dashboard_auth_is_limited_per_address(
         assert listing(client, project, **{"x-forwarded-for": "203.0.113.5"}).status_code == 200
         # The check does not use dashboard auth and stays up for the same address.
         assert check(client, project.keys["production"]).status_code == 200
+
+
+def test_failed_dashboard_auth_sent_at_once_is_limited_too(
+    server_factory: Callable[..., RunningServer],
+) -> None:
+    """Guesses sent at once all passed the check before the first one failed: 200 of them
+    got 200 token lookups under a limit of 3. At most the limit are looked up now."""
+    server = server_factory(auth_failure_limit=3, auth_failure_window_seconds=3600)
+    project = new_project(server.db)
+    path = server.base_url + project.path("/bundles")
+
+    def guess(number: int) -> int:
+        headers = {"Authorization": f"Bearer kbota_guess{number:040d}"}
+        return httpx.get(path, headers=headers, timeout=30).status_code
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        statuses = list(pool.map(guess, range(200)))
+    assert statuses.count(401) <= 3
+    assert statuses.count(429) == 200 - statuses.count(401)
 
 
 def test_a_valid_token_of_another_project_is_not_an_auth_failure(

@@ -25,7 +25,7 @@ from koolbase_ota.clock import rfc3339
 from koolbase_ota.config import Settings
 from koolbase_ota.db import Database, create_db_engine, migration_lock, upgrade_schema
 from koolbase_ota.errors import OTAError
-from koolbase_ota.logs import ACCESS_LOG_FORMAT, logging_config
+from koolbase_ota.logs import ACCESS_LOG_FORMAT, logging_config, redact
 from koolbase_ota.projects import channels
 from koolbase_ota.projects import service as projects
 from koolbase_ota.projects.channels import ChannelInfo
@@ -83,7 +83,8 @@ def _uuid(raw: str, what: str) -> uuid.UUID:
     try:
         return uuid.UUID(raw)
     except ValueError:
-        raise CliError(f"{what} must be a UUID, got {raw!r}") from None
+        # Redacted: a token or key given where its id belongs must not reach the CI log.
+        raise CliError(f"{what} must be a UUID, got {redact(raw)!r}") from None
 
 
 def _print_json(data: Any) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import ipaddress
 import os
 import secrets
-import time
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -13,6 +15,7 @@ from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SECRET_KEY_FILE = "secret_key"  # noqa: S105  (a file name, not a secret)
+MIN_SECRET_KEY_LENGTH = 32
 CHANNELS = ("production", "staging", "development")
 
 
@@ -101,8 +104,10 @@ class Settings(BaseSettings):
     @field_validator("secret_key")
     @classmethod
     def _strong_secret(cls, value: str) -> str:
-        if value and len(value) < 32:
-            raise ValueError("KOOLBASE_OTA_SECRET_KEY must be at least 32 characters")
+        if value and len(value) < MIN_SECRET_KEY_LENGTH:
+            raise ValueError(
+                f"KOOLBASE_OTA_SECRET_KEY must be at least {MIN_SECRET_KEY_LENGTH} characters"
+            )
         return value
 
     def s3_credentials(self) -> dict[str, str]:
@@ -132,27 +137,31 @@ class Settings(BaseSettings):
 
 
 def load_or_create_secret_key(data_dir: Path) -> str:
-    """Return the key kept in the data dir, creating it (owner-only) on first run."""
+    """Return the key kept in the data dir, creating it (owner-only) on first run.
+
+    The file appears whole or not at all: written and synced under another name, then linked
+    into place only if no key is there yet (several processes may start at once; one key is
+    kept, and every process reads it). A key file that is empty or short (a crash mid-write
+    of an older version, a hand-made one) is refused, never used: an empty key signs download
+    URLs that anyone can forge."""
     path = data_dir / SECRET_KEY_FILE
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    key = secrets.token_urlsafe(48)
-    # O_EXCL: when several processes start at once only one key is ever written; the rest read it.
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return _read_when_written(path)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(key)
+    if not path.exists():
+        fd, temporary = tempfile.mkstemp(dir=data_dir, prefix=f".{SECRET_KEY_FILE}.")
+        try:
+            with os.fdopen(fd, "w") as handle:  # mkstemp's file is owner-only
+                handle.write(secrets.token_urlsafe(48))
+                handle.flush()
+                os.fsync(handle.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(temporary, path)
+        finally:
+            os.unlink(temporary)
+    key = path.read_text().strip()
+    if len(key) < MIN_SECRET_KEY_LENGTH:
+        raise OSError(
+            errno.EINVAL,
+            f"{path} holds {len(key)} characters, not a key of at least "
+            f"{MIN_SECRET_KEY_LENGTH}: remove it to have a new one made, or set "
+            "KOOLBASE_OTA_SECRET_KEY",
+        )
     return key
-
-
-def _read_when_written(path: Path) -> str:
-    for _ in range(100):
-        key = path.read_text().strip()
-        if key:
-            return key
-        time.sleep(0.01)
-    raise RuntimeError(f"{path} is empty; remove it or set KOOLBASE_OTA_SECRET_KEY")

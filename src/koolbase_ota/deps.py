@@ -71,9 +71,10 @@ async def authorised_dashboard(
     """
     limits = context.limits
     address = limits.client_address(request.scope)
-    retry_after = limits.auth_retry_after(address)
+    retry_after = limits.auth_begin(address)
     if retry_after is not None:
         raise RateLimited(retry_after, "too many failed authentication attempts; retry later")
+    failed = False
     try:
         if credentials is None:
             raise Unauthorized("missing dashboard token", code="missing_token")
@@ -81,8 +82,10 @@ async def authorised_dashboard(
             projects.token_owner, context.db, token=credentials.credentials
         )
     except Unauthorized:
-        limits.auth_failed(address)
+        failed = True
         raise
+    finally:
+        limits.auth_end(address, failed=failed)
     try:
         wanted = uuid.UUID(project_id)
     except ValueError:

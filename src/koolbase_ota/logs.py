@@ -39,6 +39,20 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class TextFormatter(logging.Formatter):
+    """One line a record; a traceback (its frames and exception message, which the filter
+    does not see) scrubbed too."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatException(self, ei: Any) -> str:
+        return redact(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return redact(super().formatStack(stack_info))
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -60,11 +74,7 @@ ACCESS_LOG_FORMAT = '%(addr)s "%(method)s %(path)s %(protocol)s" %(status)d %(dt
 
 def logging_config(log_format: str = "text", level: str = "INFO") -> dict[str, Any]:
     """A `logging.config.dictConfig` for our loggers and uvicorn's, used by the CLI and workers."""
-    formatter = (
-        {"()": JsonFormatter}
-        if log_format == "json"
-        else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
-    )
+    formatter = {"()": JsonFormatter if log_format == "json" else TextFormatter}
     handler = {
         "class": "logging.StreamHandler",
         "formatter": "default",

@@ -106,7 +106,11 @@ class TokenBucket:
 
 class FailureWindow:
     """At most `limit` failures per key in a window of `window_seconds` from the first one;
-    past that the key is refused until the window ends."""
+    past that the key is refused until the window ends.
+
+    Attempts still in flight (`begin` to `end`) count against the limit as failures do: a
+    burst of attempts sent at once all passed the check before the first of them failed, so
+    200 guesses at once all reached the database under a limit of 3."""
 
     def __init__(
         self, *, limit: int, window_seconds: float, max_entries: int, clock: Clock = time.monotonic
@@ -119,6 +123,8 @@ class FailureWindow:
         self.clock = clock
         #: key -> [when its window ends, failures in it]
         self.windows: OrderedDict[str, list[float]] = OrderedDict()
+        #: key -> attempts begun and not yet ended (as many entries as requests in flight)
+        self.pending: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -133,6 +139,28 @@ class FailureWindow:
             del self.windows[key]
             return None
         return _seconds(left)
+
+    def begin(self, key: str) -> int | None:
+        """None, with one attempt of `key` in flight until `end`, if it may try; else the
+        seconds until it may (1 while attempts in flight fill what its window leaves)."""
+        retry_after = self.retry_after(key)
+        if retry_after is not None:
+            return retry_after
+        window = self.windows.get(key)
+        failures = window[1] if window is not None and window[0] > self.clock() else 0
+        pending = self.pending.get(key, 0)
+        if failures + pending >= self.limit:
+            return 1
+        self.pending[key] = pending + 1
+        return None
+
+    def end(self, key: str, *, failed: bool) -> None:
+        """The attempt `begin` let through is over; `failed` counts it as a failure."""
+        pending = self.pending.pop(key, 0) - 1
+        if pending > 0:
+            self.pending[key] = pending
+        if failed:
+            self.failed(key)
 
     def failed(self, key: str) -> None:
         """Count one failure of `key`."""
@@ -344,12 +372,13 @@ class RateLimits:
 
     # Dashboard authentication
 
-    def auth_retry_after(self, address: str) -> int | None:
-        """None if `address` may try to authenticate, else the seconds it must wait."""
+    def auth_begin(self, address: str) -> int | None:
+        """None if `address` may try to authenticate (one attempt in flight until
+        `auth_end`), else the seconds it must wait."""
         if self.auth_failures is None:
             return None
-        return self.auth_failures.retry_after(limit_key(address))
+        return self.auth_failures.begin(limit_key(address))
 
-    def auth_failed(self, address: str) -> None:
+    def auth_end(self, address: str, *, failed: bool) -> None:
         if self.auth_failures is not None:
-            self.auth_failures.failed(limit_key(address))
+            self.auth_failures.end(limit_key(address), failed=failed)

@@ -125,6 +125,10 @@ def _add_token(
     return row
 
 
+#: The longest lifetime a token may be given (100 years); past it the date would overflow.
+MAX_TOKEN_DAYS = 36_500
+
+
 def create_token(
     db: Database,
     *,
@@ -133,8 +137,10 @@ def create_token(
     actor: str = audit.CLI,
 ) -> tuple[DashboardToken, str]:
     """Create a dashboard token for the project; the plaintext is returned only here."""
-    if expires_in_days is not None and expires_in_days < 1:
-        raise InvalidInput("expires-in must be at least 1 day", code="invalid_expiry")
+    if expires_in_days is not None and not 1 <= expires_in_days <= MAX_TOKEN_DAYS:
+        raise InvalidInput(
+            f"expires-in must be from 1 to {MAX_TOKEN_DAYS} days", code="invalid_expiry"
+        )
     expires_at = utcnow() + dt.timedelta(days=expires_in_days) if expires_in_days else None
     token = new_dashboard_token()
     with db.write() as session:
