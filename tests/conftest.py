@@ -262,6 +262,18 @@ def client(server: RunningServer) -> Iterator[httpx.Client]:
         yield http
 
 
+@pytest.fixture
+def isolated(server_factory: Callable[..., RunningServer]) -> RunningServer:
+    """A server of its own, for tests that break it or look at everything it stores."""
+    return server_factory()
+
+
+@pytest.fixture
+def isolated_client(isolated: RunningServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=isolated.base_url, timeout=30) as http:
+        yield http
+
+
 def new_project(db: Database, name: str = "test") -> Project:
     created = projects.create_project(db, name=name)
     return Project(

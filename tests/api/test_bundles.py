@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import threading
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -79,18 +78,6 @@ def pending_paths(server: RunningServer) -> dict[str, str]:
 def gc_store(server: RunningServer) -> BundleStore:
     """A store opened the way `koolbase-ota gc` opens it, apart from the running app."""
     return open_store(server.settings)
-
-
-@pytest.fixture
-def isolated(server_factory: Callable[..., RunningServer]) -> RunningServer:
-    """A server of its own, for tests that break it or look at everything it stores."""
-    return server_factory()
-
-
-@pytest.fixture
-def isolated_client(isolated: RunningServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=isolated.base_url, timeout=30) as http:
-        yield http
 
 
 # List

@@ -133,7 +133,9 @@ def test_channel_defaults_to_production(client: httpx.Client, project: Project) 
     assert response.json()["version"] == production["version"] == 1
 
 
-@pytest.mark.parametrize("channel", ["beta", "Production", "stable", "production "])
+@pytest.mark.parametrize(
+    "channel", ["beta", "Production", "stable", "production ", "production\x00", "p" * 51]
+)
 def test_an_unknown_channel_is_400(client: httpx.Client, project: Project, channel: str) -> None:
     released(client, project)
     assert_error(check(client, project, channel=channel), 400, "invalid_channel")

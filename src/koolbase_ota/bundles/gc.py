@@ -54,10 +54,19 @@ async def collect_garbage(
         for record in pending
         if record.reason == "delete" or record.created_at < cutoff
     }
-    recent_pending = {record.storage_path for record in pending} - candidates
     for stored in await store.list_keys("ota/"):
         if stored.key not in referenced and stored.modified_at < cutoff:
             candidates.add(stored.key)
+    # Read again once the store is listed: an upload or promote records its key before it
+    # stores the object, so any object listed above that is in flight or finished meanwhile
+    # shows here. Its age is no guide: a promoted copy on local disk is a hard link with its
+    # source's modification time.
+    referenced, pending = await anyio.to_thread.run_sync(snapshot)
+    recent_pending = {
+        record.storage_path
+        for record in pending
+        if record.reason != "delete" and record.created_at >= cutoff
+    }
     candidates -= referenced | recent_pending
 
     for path in sorted(candidates):

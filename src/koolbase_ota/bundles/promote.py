@@ -11,7 +11,6 @@ same bytes again under a new version with nothing left to say they were recalled
 
 from __future__ import annotations
 
-import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -21,12 +20,9 @@ from sqlalchemy import delete, select
 from koolbase_ota import audit, changes
 from koolbase_ota.bundles import service, targeting
 from koolbase_ota.bundles.models import Bundle, PendingObject
-from koolbase_ota.bundles.multipart import MAX_RELEASE_NOTES
 from koolbase_ota.db import Database, utcnow
 from koolbase_ota.errors import Conflict, InvalidInput, NotFound
 from koolbase_ota.storage import BundleStore, ObjectNotFound
-
-logger = logging.getLogger(__name__)
 
 #: The fields of a promote request body.
 FIELDS = ("channel", "activate", "rollout_percentage", "release_notes", "mandatory")
@@ -92,12 +88,7 @@ def checked(promotion: Promotion) -> Promotion:
         rollout = targeting.parse_rollout_percentage(rollout)
     notes = promotion.release_notes
     if isinstance(notes, str):
-        if len(notes) > MAX_RELEASE_NOTES:
-            raise InvalidInput(
-                f"release_notes is longer than {MAX_RELEASE_NOTES} characters",
-                code="invalid_release_notes",
-            )
-        notes = notes or None  # as at upload: empty notes are no notes
+        notes = service.check_release_notes(notes or None)  # as at upload: empty is none
     return Promotion(
         channel=promotion.channel,
         activate=promotion.activate,
@@ -187,7 +178,10 @@ async def promote_bundle(
         raise
 
     # 3. Insert the row, clear the record and (if asked) activate, all in one transaction.
+    committing = False
+
     def record() -> Bundle:
+        nonlocal committing
         now = utcnow()
         notes = (
             source.release_notes
@@ -243,17 +237,16 @@ async def promote_bundle(
                     rollout_percentage=promotion.rollout_percentage,
                     actor=actor,
                 )
+            session.flush()
+            committing = True
         return bundle
 
     try:
         return await service._db(record)
-    except BaseException:
-        # No row refers to the copy, so it must go; if removing it fails too, the pending
-        # record stays and `gc` removes the file later.
-        try:
-            await store.delete(path)
-        except Exception:
-            logger.warning("could not remove %s after a failed promote; left for gc", path)
-        else:
-            await service._forget_pending(db, path)
-        raise
+    except BaseException as exc:
+        found = await service.settle_failed_record(
+            db=db, store=store, path=path, committing=committing, what="promote"
+        )
+        if found is None or not isinstance(exc, Exception):
+            raise
+        return found

@@ -25,6 +25,7 @@ from koolbase_ota.bundles.multipart import MAX_RELEASE_NOTES, StagedUpload
 from koolbase_ota.bundles.validation import ZipLimits, validate_zip
 from koolbase_ota.db import Database, utcnow
 from koolbase_ota.errors import Conflict, DatabaseUnavailable, InvalidInput, NotFound, OTAError
+from koolbase_ota.projects import channels
 from koolbase_ota.projects.models import Channel
 from koolbase_ota.storage import BundleStore, StoreOutcomeUnknown
 
@@ -80,7 +81,27 @@ def lock_channel(session: Session, *, project_id: uuid.UUID, name: str) -> Chann
 _channel_for_update = lock_channel
 
 
+def check_release_notes(notes: str | None) -> str | None:
+    """Release notes within their bound, and without NUL, which PostgreSQL text cannot hold."""
+    if notes is None:
+        return None
+    if len(notes) > MAX_RELEASE_NOTES:
+        raise InvalidInput(
+            f"release_notes is longer than {MAX_RELEASE_NOTES} characters",
+            code="invalid_release_notes",
+        )
+    if "\x00" in notes:
+        raise InvalidInput(
+            "release_notes must not contain NUL characters", code="invalid_release_notes"
+        )
+    return notes
+
+
 def check_channel(db: Database, *, project_id: uuid.UUID, channel: str) -> None:
+    """Refuse a channel the project does not have; one no channel could be named is refused
+    before the database is asked (PostgreSQL refuses a NUL in a query with an error)."""
+    if not channels.NAME_RULE.fullmatch(channel):
+        raise InvalidInput(f"unknown channel {channel!r}", code="invalid_channel")
     with db.read() as session:
         found = session.scalar(
             select(Channel.name).where(Channel.project_id == project_id, Channel.name == channel)
@@ -104,12 +125,7 @@ async def upload_bundle(
     mandatory = (
         parse_bool(fields["mandatory"], field="mandatory") if "mandatory" in fields else False
     )
-    release_notes = fields.get("release_notes") or None
-    if release_notes is not None and len(release_notes) > MAX_RELEASE_NOTES:
-        raise InvalidInput(
-            f"release_notes is longer than {MAX_RELEASE_NOTES} characters",
-            code="invalid_release_notes",
-        )
+    release_notes = check_release_notes(fields.get("release_notes") or None)
     platform = targeting.parse_platform(fields.get("platform"))
     min_app_version = targeting.parse_app_version(
         fields.get("min_app_version"), field="min_app_version"
@@ -150,7 +166,10 @@ async def upload_bundle(
         raise
 
     # 3. Insert the row and clear the record together.
+    committing = False
+
     def record() -> Bundle:
+        nonlocal committing
         now = utcnow()
         bundle = Bundle(
             id=uuid.uuid4(),
@@ -188,20 +207,53 @@ async def upload_bundle(
                     **_targeting_details(bundle),
                 },
             )
+            session.flush()
+            committing = True
         return bundle
 
     try:
         return await _db(record)
-    except BaseException:
-        # The row is not there, so the file must not be either; if removing it fails too the
-        # pending record stays and `gc` removes the file later.
+    except BaseException as exc:
+        found = await settle_failed_record(
+            db=db, store=store, path=path, committing=committing, what="upload"
+        )
+        if found is None or not isinstance(exc, Exception):
+            raise
+        return found
+
+
+async def settle_failed_record(
+    *, db: Database, store: BundleStore, path: str, committing: bool, what: str
+) -> Bundle | None:
+    """After writing the row of the object stored at `path` failed: the row, if it was written
+    after all; else None, with the object removed or left recorded for `gc`.
+
+    A failure before COMMIT wrote nothing, so the object goes (if removing it fails too, its
+    pending record stays and `gc` removes it). One during COMMIT may have written the row, the
+    answer being what was lost: the database is asked, and while it cannot say, object and
+    record stay, for `gc` to decide by the rows it finds.
+    """
+    if committing:
+
+        def find() -> Bundle | None:
+            with db.read() as session:
+                return session.scalar(select(Bundle).where(Bundle.storage_path == path))
+
         try:
-            await store.delete(path)
-        except Exception:
-            logger.warning("could not remove %s after a failed upload; left for gc", path)
-        else:
-            await _forget_pending(db, path)
-        raise
+            found = await _db(find)
+        except OTAError:
+            logger.warning("could not tell whether %s was recorded; left for gc", path)
+            return None
+        if found is not None:
+            logger.warning("the %s of %s was recorded after all", what, path)
+            return found
+    try:
+        await store.delete(path)
+    except Exception:
+        logger.warning("could not remove %s after a failed %s; left for gc", path, what)
+    else:
+        await _forget_pending(db, path)
+    return None
 
 
 async def _forget_pending(db: Database, path: str) -> None:
@@ -325,6 +377,24 @@ def _bundle(session: Session, *, project_id: uuid.UUID, bundle_id: uuid.UUID) ->
     return bundle
 
 
+def _locked_bundle(session: Session, *, project_id: uuid.UUID, bundle_id: uuid.UUID) -> Bundle:
+    """The bundle, read again once its channel is locked.
+
+    Every change to a channel's bundles, delete included, queues on that lock; a change that
+    waited behind a delete finds the bundle gone (404) rather than writing to a missing row.
+    """
+    bundle = _bundle(session, project_id=project_id, bundle_id=bundle_id)
+    lock_channel(session, project_id=project_id, name=bundle.channel)
+    locked = session.scalar(
+        select(Bundle)
+        .where(Bundle.id == bundle_id, Bundle.project_id == project_id)
+        .execution_options(populate_existing=True)
+    )
+    if locked is None:
+        raise NotFound("bundle not found", code="bundle_not_found")
+    return locked
+
+
 def _targeting_details(bundle: Bundle) -> dict[str, object]:
     """The targeting fields that are set, for audit details."""
     return {
@@ -352,9 +422,7 @@ def activate_bundle(
     the percentage is set (a change only if it differs).
     """
     with db.write() as session:
-        bundle = _bundle(session, project_id=project_id, bundle_id=bundle_id)
-        lock_channel(session, project_id=project_id, name=bundle.channel)
-        session.refresh(bundle)
+        bundle = _locked_bundle(session, project_id=project_id, bundle_id=bundle_id)
         activate_in_session(session, bundle, rollout_percentage=rollout_percentage, actor=actor)
     return bundle
 
@@ -444,9 +512,7 @@ def update_bundle(
     if mandatory is not None and not isinstance(mandatory, bool):
         raise InvalidInput("mandatory must be true or false", code="invalid_mandatory")
     with db.write() as session:
-        bundle = _bundle(session, project_id=project_id, bundle_id=bundle_id)
-        lock_channel(session, project_id=project_id, name=bundle.channel)
-        session.refresh(bundle)
+        bundle = _locked_bundle(session, project_id=project_id, bundle_id=bundle_id)
         targeting.check_range(
             wanted.get("min_app_version", bundle.min_app_version),  # type: ignore[arg-type]
             wanted.get("max_app_version", bundle.max_app_version),  # type: ignore[arg-type]
@@ -494,9 +560,7 @@ def recall_bundle(
     becomes the head, so the channel keeps serving; with none, the channel has no head.
     """
     with db.write() as session:
-        bundle = _bundle(session, project_id=project_id, bundle_id=bundle_id)
-        lock_channel(session, project_id=project_id, name=bundle.channel)
-        session.refresh(bundle)
+        bundle = _locked_bundle(session, project_id=project_id, bundle_id=bundle_id)
         if bundle.recalled_at is not None:
             return bundle
         now = _later(bundle.updated_at)
@@ -544,7 +608,7 @@ def set_mandatory(
 ) -> Bundle:
     """Set the flag, or toggle it when `mandatory` is None."""
     with db.write() as session:
-        bundle = _bundle(session, project_id=project_id, bundle_id=bundle_id)
+        bundle = _locked_bundle(session, project_id=project_id, bundle_id=bundle_id)
         _set_mandatory(session, bundle, mandatory=mandatory, actor=actor)
     return bundle
 
@@ -594,7 +658,7 @@ async def delete_bundle(
     # this leaves a recorded file (gc removes it), never a row whose file is gone.
     def remove_row() -> str:
         with db.write() as session:
-            bundle = _bundle(session, project_id=project_id, bundle_id=bundle_id)
+            bundle = _locked_bundle(session, project_id=project_id, bundle_id=bundle_id)
             path = bundle.storage_path
             session.delete(bundle)
             changes.record(

@@ -24,6 +24,7 @@ from starlette.types import Scope, Send
 from koolbase_ota.bundles import targeting
 from koolbase_ota.bundles.schemas import ErrorOut
 from koolbase_ota.deps import AppContext, ContextDep
+from koolbase_ota.projects import channels
 from koolbase_ota.projects.service import MAX_PUBLIC_KEY_LENGTH
 from koolbase_ota.ratelimit import RateLimits
 from koolbase_ota.sdk.cache import (
@@ -39,7 +40,6 @@ from koolbase_ota.security import RATE_LIMITED_RESPONSE
 CHECK_PATH = CHECK_ROUTE
 DEFAULT_CHANNEL = "production"
 _MAX_VERSION_DIGITS = 18
-_MAX_CHANNEL = 50
 
 
 def _error(message: str, code: str) -> bytes:
@@ -219,10 +219,12 @@ def resolve_cached(
     device = parse_device(request.app_version, request.platform, request.device_id)
     if isinstance(device, str):
         return _fail(device, hit=hit)
-    if len(channel) > _MAX_CHANNEL:
-        return _fail("invalid_channel", hit=hit)
     state = cache.channels.get((project_id, channel), _MISSING)
     if state is _MISSING:
+        if not channels.NAME_RULE.fullmatch(channel):
+            # No channel is named so: refused without a lookup, and not kept either (PostgreSQL
+            # refuses a NUL in a query with an error, which was a 503).
+            return _fail("invalid_channel", hit=hit)
         if loaded is None or "channel" not in loaded:
             return Miss(project_id)
         state = loaded["channel"]
