@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -16,6 +18,7 @@ from koolbase_ota.bundles.gc import collect_garbage
 from koolbase_ota.bundles.models import PendingObject
 from koolbase_ota.errors import StorageUnavailable
 from koolbase_ota.storage import BundleStore, open_store
+from koolbase_ota.storage.local import LocalStore
 from tests.conftest import (
     Project,
     RunningServer,
@@ -374,6 +377,35 @@ def test_gc_reports_a_row_whose_file_is_missing(
     assert report.removed == []
     assert isolated.stored_keys() == {kept["storage_path"]}
     assert listed(isolated_client, project) == [kept, gone]
+
+
+def test_gc_removes_a_copy_temporary_a_crash_left_behind(
+    isolated: RunningServer, isolated_client: httpx.Client
+) -> None:
+    """A copy into place (bundle directory on another filesystem than the spool) writes a
+    `.incoming-` file first; a crash in between left it, and gc never saw it."""
+    if not isinstance(isolated.store, LocalStore):
+        pytest.skip("the temporary is local disk's; S3 uploads leave no visible object")
+    project = new_project(isolated.db)
+    kept = uploaded(isolated_client, project)
+    channel_dir = isolated.store.path_for(kept["storage_path"]).parent
+    left = channel_dir / ".incoming-k2j4x9"
+    left.write_bytes(b"half a bundle")
+    two_hours_ago = time.time() - 2 * 3600
+    os.utime(left, (two_hours_ago, two_hours_ago))
+    writing = channel_dir / ".incoming-p0q1r2"
+    writing.write_bytes(b"a copy still being written")
+
+    report = asyncio.run(
+        collect_garbage(db=isolated.db, store=gc_store(isolated), grace=dt.timedelta(hours=1))
+    )
+    left_key = left.relative_to(isolated.store.root).as_posix()
+    assert report.removed == [left_key]
+    assert not left.exists()
+    assert writing.exists()
+    writing.unlink()
+    assert isolated.stored_keys() == {kept["storage_path"]}
+    assert listed(isolated_client, project) == [kept]
 
 
 #: Per database dialect, the statements that make every insert into `bundles` fail, and undo it.

@@ -97,12 +97,16 @@ class LocalStore:
         return self.path_for(key).is_file()
 
     async def list_keys(self, prefix: str) -> list[StoredObject]:
+        """Every file under `prefix`, a copy's `.incoming-` temporary too: one a crash left
+        behind is unreferenced and as old as the crash, so `gc` removes it like any unknown
+        file (it was skipped before, and stayed forever); one being written is newer than any
+        grace period."""
         return await anyio.to_thread.run_sync(self._list_keys, prefix)
 
     def _list_keys(self, prefix: str) -> list[StoredObject]:
         found = []
         for path in self.root.rglob("*"):
-            if not path.is_file() or path.name.startswith(".incoming-"):
+            if not path.is_file():
                 continue
             key = path.relative_to(self.root).as_posix()
             if key.startswith(prefix):
