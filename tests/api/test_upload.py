@@ -776,10 +776,11 @@ def test_the_spooled_bundle_is_fsynced_only_for_a_store_that_keeps_it(
         fsync(fd)
 
     monkeypatch.setattr(os, "fsync", recording)
-    staged = _read_form_in_pieces(multipart_body(make_zip()), tmp_path, durable=durable)
+    sent = make_zip()  # once: a zip made later may carry another timestamp
+    staged = _read_form_in_pieces(multipart_body(sent), tmp_path, durable=durable)
     try:
         assert staged.bundle_path is not None
-        assert staged.bundle_path.read_bytes() == make_zip()
+        assert staged.bundle_path.read_bytes() == sent
         spool = [path for path in synced if path.startswith(str(tmp_path))]
         assert spool == ([str(staged.bundle_path)] if durable else [])
     finally:
