@@ -313,3 +313,21 @@ def test_the_checks_are_rate_limited_per_forwarded_address_on_rsgi(tmp_path: Pat
         assert get(code_push, "203.0.113.50").status_code == 429
         # Another device behind the same proxy has its own allowance.
         assert get(seed, "203.0.113.51").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/sdk/ota/check", "/v1/code-push/check"])
+def test_a_repeated_x_api_key_is_read_as_the_last_on_every_interface(
+    published: Published, path: str
+) -> None:
+    """RSGI's `headers.get` gave the first key where the warm path takes the last, so the
+    same request was an offer on uvicorn and a 401 on RSGI, and the other way round."""
+    server = published.server
+    key = server.credentials()["public_keys"]["production"]
+    unknown = "pk_live_" + "0" * 24
+    url = server.base_url + path + "?channel=production"
+    with httpx.Client(timeout=30) as http:
+        last = http.get(url, headers=[("x-api-key", unknown), ("x-api-key", key)])
+        first = http.get(url, headers=[("x-api-key", key), ("x-api-key", unknown)])
+    assert last.status_code == 200, last.text
+    assert first.status_code == 401, first.text
+    assert first.json()["code"] == "invalid_api_key"

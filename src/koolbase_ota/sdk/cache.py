@@ -216,7 +216,10 @@ class ChannelState:
 
 
 def _json(answer: dict[str, object]) -> bytes:
-    return json.dumps(answer, separators=(",", ":"), ensure_ascii=False).encode()
+    # ASCII only (`\u00e9` for `é`): the answer is `application/json` without a charset, which
+    # Dart's package:http decoded as Latin-1 until 2025 (dart-lang/http#175), so the apps in
+    # the field would show UTF-8 release notes garbled; escaped, they read the same either way.
+    return json.dumps(answer, separators=(",", ":")).encode()
 
 
 @dataclass(eq=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import unquote_plus
@@ -274,6 +274,19 @@ def parse_query(raw: bytes | str) -> dict[str, str]:
     return params
 
 
+def last_api_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The value of the last `x-api-key` header of an ASGI scope's `headers`, or None.
+
+    The last, on every interface: as `koolbase_ota.httpserver` reads it on the warm path.
+    (Starlette's `Headers.get`, and so FastAPI's `APIKeyHeader`, would take the first.)
+    """
+    api_key = None
+    for name, value in headers:
+        if name == b"x-api-key":
+            api_key = value.decode("latin-1")
+    return api_key
+
+
 def is_check(scope: Scope) -> bool:
     return bool(
         scope["type"] == "http" and scope["path"] == CHECK_PATH and scope["method"] == "GET"
@@ -440,10 +453,7 @@ class CheckEndpoint:
 
     async def __call__(self, scope: Scope, send: Send) -> None:
         started = time.perf_counter()
-        api_key = None
-        for name, value in scope["headers"]:
-            if name == b"x-api-key":
-                api_key = value.decode("latin-1")
+        api_key = last_api_key(scope["headers"])
         limits = self.limits
         status, body, hit, error, retry_after = await self.outcome(
             api_key,
@@ -466,7 +476,9 @@ class CheckEndpoint:
     async def rsgi(self, scope: Any, protocol: Any) -> None:
         """The same answers on granian's RSGI interface, with no ASGI scope or messages."""
         started = time.perf_counter()
-        api_key = scope.headers.get("x-api-key")
+        # The last, as on every other interface (granian's `get` gives the first).
+        api_keys = scope.headers.get_all("x-api-key")
+        api_key = api_keys[-1] if api_keys else None
         limits = self.limits
         status, body, hit, error, retry_after = await self.outcome(
             api_key,
@@ -506,15 +518,18 @@ class CheckOut(BaseModel):
 
 
 async def documented_answer(
-    endpoint: CheckEndpoint | None, context: AppContext, request: Request, api_key: str | None
+    endpoint: CheckEndpoint | None, context: AppContext, request: Request
 ) -> Response:
     """A documented check route's answer: the bare endpoint's, as it sends it. (The app
-    answers these paths in front of the framework; the routes document them in OpenAPI.)"""
+    answers these paths in front of the framework; the routes document them in OpenAPI.)
+    The key is read as the endpoint reads it, not as the route's `APIKeyHeader` does."""
     if endpoint is None:
         raise RuntimeError("the check endpoints are made with the app")
     limits = context.limits
     status, body, _hit, _error, retry_after = await endpoint.outcome(
-        api_key, lambda: limits.client_address(request.scope), request.scope["query_string"]
+        last_api_key(request.scope["headers"]),
+        lambda: limits.client_address(request.scope),
+        request.scope["query_string"],
     )
     headers = {"Cache-Control": "no-store"}
     if retry_after is not None:
@@ -557,5 +572,5 @@ async def check(
         ),
     ] = None,
 ) -> Response:
-    # The query parameters above are read by the endpoint from the query string.
-    return await documented_answer(request.app.check_endpoint, context, request, api_key)
+    # The key and the query parameters above are read by the endpoint from the request.
+    return await documented_answer(request.app.check_endpoint, context, request)

@@ -124,5 +124,5 @@ async def code_push_check(
         str | None, Query(description="A stable id of the device, for percentage rollouts")
     ] = None,
 ) -> Response:
-    # The query parameters above are read by the endpoint from the query string.
-    return await documented_answer(request.app.code_push_endpoint, context, request, api_key)
+    # The key and the query parameters above are read by the endpoint from the request.
+    return await documented_answer(request.app.code_push_endpoint, context, request)
