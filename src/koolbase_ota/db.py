@@ -11,10 +11,12 @@ from typing import Any
 
 from sqlalchemy import DateTime, Engine, MetaData, create_engine, event, text
 from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 from koolbase_ota.clock import utcnow
+from koolbase_ota.errors import DatabaseUnavailable, InvalidInput
 
 __all__ = ["Base", "Database", "UTCDateTime", "utcnow"]
 
@@ -65,8 +67,23 @@ def is_sqlite(engine: Engine) -> bool:
 
 
 def create_db_engine(url: str, *, timeout_seconds: float = 10.0) -> Engine:
-    """Build the engine; SQLite gets WAL, a busy timeout and write transactions that lock first."""
-    url = normalise_url(url)
+    """Build the engine; SQLite gets WAL, a busy timeout and write transactions that lock first.
+
+    A URL that cannot be used is one clear `InvalidInput` naming no part of it: it may hold
+    a password.
+    """
+    try:
+        return _create_db_engine(normalise_url(url), timeout_seconds=timeout_seconds)
+    except (ArgumentError, ValueError, ImportError):
+        raise InvalidInput(
+            "the database URL is not one koolbase-ota can use: expected"
+            " postgresql://USER:PASSWORD@HOST:PORT/DATABASE or sqlite:///PATH"
+        ) from None
+    except OSError as exc:
+        raise InvalidInput(f"cannot create the database's directory: {exc.strerror}") from None
+
+
+def _create_db_engine(url: str, *, timeout_seconds: float) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -171,19 +188,42 @@ def alembic_config(connection: Any = None) -> Any:
     return config
 
 
+class SchemaTooNew(DatabaseUnavailable):
+    """The database was migrated by a newer koolbase-ota than this one."""
+
+    default_code = "schema_too_new"
+
+
 def upgrade_schema(engine: Engine, *, lock_dir: Path) -> str | None:
     """Bring the schema to the newest migration; safe when several processes start at once.
 
-    Returns the revision migrated to, or None when the schema was already up to date.
+    Returns the revision migrated to, or None when the schema was already up to date. A
+    database that cannot be reached, or that a newer version migrated (an older process
+    started after an upgrade), is one `DatabaseUnavailable` the command line reports on one
+    line, not a traceback.
     """
     from alembic import command
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-    with engine.connect() as connection:
-        if MigrationContext.configure(connection).get_current_revision() == head:
-            return None  # the common case: nothing to lock, nothing to log
-    with migration_lock(engine, lock_dir), engine.begin() as connection:
-        command.upgrade(alembic_config(connection), "head")
+    script = ScriptDirectory.from_config(alembic_config())
+    head = script.get_current_head()
+    try:
+        with engine.connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+            if current == head:
+                return None  # the common case: nothing to lock, nothing to log
+        if current is not None and current not in {r.revision for r in script.walk_revisions()}:
+            raise SchemaTooNew(
+                f"the database schema is at revision {current}, which this version of"
+                f" koolbase-ota does not know (its newest is {head}); a newer version migrated"
+                " it, so run that one"
+            )
+        with migration_lock(engine, lock_dir), engine.begin() as connection:
+            command.upgrade(alembic_config(connection), "head")
+    except (OperationalError, InterfaceError) as exc:
+        # The driver's first line says what went wrong (refused, unknown host, bad password,
+        # a timeout) and never holds the password itself.
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else "unknown"
+        raise DatabaseUnavailable(f"cannot use the database: {reason}") from None
     return head

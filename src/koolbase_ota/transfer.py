@@ -10,9 +10,10 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio.to_thread
-from sqlalchemy import func, insert, select
+from sqlalchemy import Table, func, insert, select
 
 import koolbase_ota.audit
 import koolbase_ota.bundles.models
@@ -48,6 +49,30 @@ def _sha256(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+Rows = dict[str, list[dict[str, Any]]]
+
+
+def _copied_tables() -> list[Table]:
+    """Every table, parents before children, but those that only make sense where they are:
+    pending objects belong to the old store, change events to the old processes' caches."""
+    skipped = {PendingObject.__tablename__, ChangeEvent.__tablename__}
+    return [table for table in Base.metadata.sorted_tables if table.name not in skipped]
+
+
+def _read_rows(db: Database, tables: list[Table]) -> Rows:
+    """Every row of `tables`, in primary key order, from one snapshot of the database."""
+    with db.read() as session:
+        return {
+            table.name: [
+                dict(row)
+                for row in session.execute(
+                    select(table).order_by(*table.primary_key.columns)
+                ).mappings()
+            ]
+            for table in tables
+        }
+
+
 async def move_install(
     *,
     source_db: Database,
@@ -55,7 +80,12 @@ async def move_install(
     target_db: Database,
     target_store: BundleStore,
 ) -> MoveReport:
-    """Copy every bundle file, then every row in one transaction; refuse a non-empty target."""
+    """Copy every bundle file, then every row in one transaction; refuse a non-empty target.
+
+    Files and rows come from one snapshot of the source, and the source is read again before
+    the rows are committed: a change made meanwhile (a server still running on it) would
+    otherwise be lost, or leave a row whose file was never copied.
+    """
     if not isinstance(source_store, LocalStore):
         raise MoveError("the source must be the embedded default's local bundle directory")
 
@@ -66,21 +96,31 @@ async def move_install(
     if not await anyio.to_thread.run_sync(target_is_empty):
         raise MoveError("the target database already holds projects; move into an empty one")
 
-    def bundles() -> list[Bundle]:
-        with source_db.read() as session:
-            return list(session.scalars(select(Bundle).order_by(Bundle.storage_path)))
+    tables = _copied_tables()
+    snapshot = await anyio.to_thread.run_sync(_read_rows, source_db, tables)
+    if not snapshot[Project.__tablename__]:
+        # Most likely KOOLBASE_OTA_DATA_DIR or KOOLBASE_OTA_DATABASE_URL names the wrong place.
+        raise MoveError("the source database holds no project: there is nothing to move")
 
     report = MoveReport()
     # 1. Files first: a row is never written without its file already in the target store.
-    for bundle in await anyio.to_thread.run_sync(bundles):
-        path = source_store.path_for(bundle.storage_path)
+    for bundle in sorted(snapshot[Bundle.__tablename__], key=lambda row: row["storage_path"]):
+        storage_path = bundle["storage_path"]
+        what = f"bundle {bundle['id']} ({bundle['channel']} v{bundle['version']})"
+        path = source_store.path_for(storage_path)
         if not path.is_file():
-            raise MoveError(f"{bundle.storage_path} is missing from the source; run gc first")
+            raise MoveError(
+                f"{what}: its file {storage_path} is missing from the source; restore the file"
+                " or delete the bundle, then run move again"
+            )
         checksum = await anyio.to_thread.run_sync(_sha256, path)
-        if checksum != bundle.checksum:
-            raise MoveError(f"{bundle.storage_path} does not match its checksum; not moved")
+        if checksum != bundle["checksum"]:
+            raise MoveError(
+                f"{what}: its file {storage_path} does not match its checksum; restore the"
+                " file or delete the bundle, then run move again"
+            )
         try:
-            await target_store.put_file(bundle.storage_path, path)
+            await target_store.put_file(storage_path, path)
         except ObjectExists:
             # A move that was interrupted and run again: the object was written create-only
             # by the earlier run from the same verified file.
@@ -90,15 +130,17 @@ async def move_install(
 
     # 2. Rows, parents before children, in one transaction: all of them or none.
     def copy_rows() -> None:
-        # Pending objects belong to the old store, change events to the old processes' caches.
-        skipped = {PendingObject.__tablename__, ChangeEvent.__tablename__}
-        tables = [table for table in Base.metadata.sorted_tables if table.name not in skipped]
-        with source_db.read() as source, target_db.write() as target:
+        with target_db.write() as target:
             for table in tables:
-                rows = [dict(row) for row in source.execute(select(table)).mappings()]
+                rows = snapshot[table.name]
                 for start in range(0, len(rows), _BATCH):
                     target.execute(insert(table), rows[start : start + _BATCH])
                 report.rows[table.name] = len(rows)
+            if _read_rows(source_db, tables) != snapshot:
+                raise MoveError(
+                    "the source changed during the move, so nothing was written to the target"
+                    " database; stop every server using the source, then run move again"
+                )
 
     await anyio.to_thread.run_sync(copy_rows)
     return report
