@@ -66,10 +66,10 @@ async def download(key: str, request: Request, context: ContextDep) -> Response:
                 "range not satisfiable",
                 headers={"Content-Range": f"bytes */{plan.stat.st_size}"},
             )
-        if ranges is not None and len(ranges) == 1 and ranges[0][1] - ranges[0][0] <= _ONE_READ:
-            plan = dataclasses.replace(plan, span=ranges[0], other_range=False)
-        else:
+        span = _one_small_range(ranges)
+        if span is None:
             return _FileAnswer(plan, ranges)
+        plan = dataclasses.replace(plan, span=span, other_range=False)
     if plan.span is not None:
         if request.method == "GET":
             return await _partial(plan)
@@ -118,13 +118,18 @@ def requested_ranges(
         or if_range not in (plan.headers["ETag"], _http_date(plan.stat.st_mtime))
     ):
         return None
+    return _byte_ranges(header, plan.stat.st_size)
+
+
+def _byte_ranges(header: str, size: int) -> list[tuple[int, int]] | None:
+    """`requested_ranges` without If-Range: the one reading of a Range header, for the route
+    and for the single ranges every interface sends itself (`plan_download`)."""
     unit, equals, spec = header.partition("=")
     if not equals or unit.strip().lower() != "bytes":
         return None
     parts = [part.strip() for part in spec.split(",")]
     if len(parts) > _MAX_RANGES:
         return None
-    size = plan.stat.st_size
     ranges: list[tuple[int, int]] = []
     for part in filter(None, parts):
         match = _RANGE_SPEC.fullmatch(part)
@@ -151,7 +156,7 @@ class Plan:
     stat: os.stat_result
     headers: dict[str, str]
     #: (start, end exclusive) of a simple single range, served by us; None: the whole file,
-    #: or a Range header that Starlette's FileResponse answers (see `_single_range`).
+    #: or a Range header that Starlette's FileResponse answers (see `_one_small_range`).
     span: tuple[int, int] | None
     #: A Range header was sent that `span` does not cover.
     other_range: bool
@@ -181,7 +186,11 @@ async def plan_download(
     if checksum is None or stat is None:
         raise NotFound("bundle not found", code="bundle_not_found")
     etag = '"' + checksum.removeprefix("sha256:") + '"'
-    span = None if if_range else _single_range(range_header, stat.st_size)
+    span = (
+        None
+        if if_range or range_header is None
+        else _one_small_range(_byte_ranges(range_header, stat.st_size))
+    )
     return Plan(
         path=path,
         stat=stat,
@@ -197,31 +206,15 @@ async def plan_download(
 
 #: Ranges up to this size are read in one call and sent in one message.
 _ONE_READ = 8 * 1024 * 1024
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
-def _single_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """(start, end exclusive) of a simple, satisfiable one-part range we serve ourselves.
-
-    Anything else (several parts, If-Range, unsatisfiable or odd ranges) is left to Starlette's
-    FileResponse, which implements the whole of RFC 9110 for it.
-    """
-    if header is None:
+def _one_small_range(ranges: list[tuple[int, int]] | None) -> tuple[int, int] | None:
+    """The one range of `ranges` if it is alone and small enough to read at once: what every
+    interface sends itself. Anything else (several parts, unsatisfiable or larger ranges) is
+    answered through Starlette's FileResponse."""
+    if not ranges or len(ranges) > 1 or ranges[0][1] - ranges[0][0] > _ONE_READ:
         return None
-    match = _RANGE.fullmatch(header.strip())
-    if match is None:
-        return None
-    first, last = match.groups()
-    if first:
-        start = int(first)
-        end = min(int(last) + 1, size) if last else size
-    elif last:
-        start, end = max(size - int(last), 0), size
-    else:
-        return None
-    if start >= end or start >= size or end - start > _ONE_READ:
-        return None
-    return start, end
+    return ranges[0]
 
 
 async def _partial(plan: Plan) -> Response:
