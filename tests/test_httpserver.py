@@ -369,7 +369,9 @@ def flood(server: RunningServer, raw: bytes, *, seconds: float, answers: int) ->
     pending = b""
     sent = 0
     with connect(server) as sock:
-        sock.settimeout(1)
+        # Short: a send that blocks (the server is not reading) must not hold up the sampling,
+        # or a whole flood could pass with one look, taken before the server had answered.
+        sock.settimeout(0.05)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             with contextlib.suppress(TimeoutError):  # the server is not reading
