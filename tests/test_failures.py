@@ -162,7 +162,8 @@ def test_a_delete_while_the_store_is_frozen_is_finished_by_gc_once_it_is_back(
             seaweed.resume()
         assert response.status_code == 204, response.text
         assert [row.id.hex for row in rows(server)] == [kept["id"].replace("-", "")]
-        assert server.object_exists(key)
+        # The DELETE sent to the frozen store waits in its socket and may still land when the
+        # store wakes up, or not: the object's presence says nothing. The record is what counts.
         assert pending_paths(server) == {key: "delete"}
         check = client.get("/v1/sdk/ota/check", headers=project.key())
         assert check.json() == {"has_update": False}
