@@ -89,9 +89,13 @@ class Release:
     id: uuid.UUID
     version: int
     mandatory: bool
-    #: The highest version of a released, non-recalled mandatory bundle of the channel up to
-    #: this one (0 if none): a device below it skipped a mandatory release.
+    #: The highest version of a released, non-recalled mandatory bundle of the channel for
+    #: every device (no targeting, no rollout) up to this one, 0 if none: a device below it
+    #: skipped a mandatory release. Beyond the walked history, any mandatory release counts.
     mandatory_floor: int
+    #: The same for mandatory releases that reach only some devices: whether a device below
+    #: it skipped one is decided by walking back (`ChannelState.mandatory_for`).
+    targeted_floor: int
     storage_path: str
     checksum: str
     release_notes: str | None
@@ -213,6 +217,39 @@ class ChannelState:
             # The newest matching release is older than the device's recalled version.
             return found, True
         return None, False
+
+    def mandatory_for(self, release: Release, current_version: int, device: Device) -> bool:
+        """Whether `release`, offered to a device on `current_version`, is a mandatory update:
+        it is mandatory itself, or the device skipped a mandatory release it could have had.
+
+        A mandatory release for another platform, app version range or share of a rollout was
+        never the device's to skip, so it does not count.
+        """
+        if release.mandatory or release.mandatory_floor > current_version:
+            return True
+        if release.targeted_floor <= current_version:
+            return False
+        for skipped in self.releases:
+            if skipped.version > release.version or skipped.everyone:
+                continue
+            if skipped.version <= current_version:
+                break
+            if skipped.mandatory and skipped.matches(device):
+                return True
+        return False
+
+
+def set_floors(releases: list[Release], *, beyond: int = 0) -> None:
+    """Set the floors of `releases` (newest first); `beyond`: the highest mandatory version
+    older than all of them."""
+    floor, targeted_floor = beyond, 0
+    for release in reversed(releases):
+        if release.mandatory:
+            if release.everyone:
+                floor = release.version
+            else:
+                targeted_floor = release.version
+        release.mandatory_floor, release.targeted_floor = floor, targeted_floor
 
 
 def _json(answer: dict[str, object]) -> bytes:
@@ -392,20 +429,18 @@ class CheckCache:
                     )
                     or 0
                 )
-        releases: list[Release] = []
-        for row in reversed(rows):
-            if row.mandatory:
-                floor = row.version
-            releases.append(self._release(row, mandatory_floor=floor))
-        releases.reverse()
+        releases = [self._release(row) for row in rows]
+        set_floors(releases, beyond=floor)
         return ChannelState(releases=tuple(releases), recalled=recalled)
 
-    def _release(self, row: Bundle, *, mandatory_floor: int) -> Release:
+    def _release(self, row: Bundle) -> Release:
+        """The release of `row`, its floors left to `set_floors`."""
         return Release(
             id=row.id,
             version=row.version,
             mandatory=row.mandatory,
-            mandatory_floor=mandatory_floor,
+            mandatory_floor=0,
+            targeted_floor=0,
             storage_path=row.storage_path,
             checksum=row.checksum,
             release_notes=row.release_notes,
@@ -431,7 +466,7 @@ class CheckCache:
             # and offering anything would install something. The device keeps what it has.
             return NO_UPDATE
         # A device that skipped a released mandatory bundle must still wait for the update.
-        mandatory = release.mandatory or release.mandatory_floor > current_version
+        mandatory = state.mandatory_for(release, current_version, device)
         return release.body(
             "seed-rollback" if rollback else "seed",
             mandatory=mandatory,
@@ -449,7 +484,7 @@ class CheckCache:
             return b'{"status":"rollback","revert_to":%d}' % revert_to
         if release is None:
             return CODE_PUSH_NO_UPDATE
-        mandatory = release.mandatory or release.mandatory_floor > current_version
+        mandatory = state.mandatory_for(release, current_version, device)
         return release.body(
             "code-push", mandatory=mandatory, store=self.store, ttl_seconds=self.url_ttl_seconds
         )
