@@ -90,15 +90,32 @@ def test_a_device_app_version_is_parsed_once_and_the_kept_parses_are_bounded() -
     assert targeting.device_app_version.cache_info().currsize == targeting.DEVICE_APP_VERSIONS_KEPT
 
 
-@pytest.mark.parametrize(
-    "text", ["", " ", "2.", ".2", "2..4", "a", "1.2.3.4.5", "1234567", "2.4-b"]
-)
+@pytest.mark.parametrize("text", ["", " ", "2.", ".2", "2..4", "a", "1.2.3.4.5", "1234567"])
 def test_bad_versions_are_refused(text: str) -> None:
     if text.strip():
         with pytest.raises(InvalidInput) as refused:
             targeting.parse_app_version(text, field="min_app_version")
         assert refused.value.code == "invalid_min_app_version"
     assert targeting.device_app_version(text) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("2.4-b", (2, 4, 0, 0)),
+        ("2.4.debug", (2, 4, 0, 0)),
+        ("2.4.1+45", (2, 4, 1, 0)),
+        ("2.4.1 (45)", (2, 4, 1, 0)),
+        ("1.2.3.4~rc", (1, 2, 3, 4)),
+    ],
+)
+def test_a_device_app_version_is_read_by_its_number_not_its_label(
+    text: str, key: tuple[int, int, int, int]
+) -> None:
+    """A device's version may carry a label after its number; a bundle's bounds may not."""
+    assert targeting.device_app_version(text) == key
+    with pytest.raises(InvalidInput):
+        targeting.parse_app_version(text, field="max_app_version")
 
 
 @pytest.mark.parametrize("value", [0, 101, -1, "x", "", "1000", 5.0, True, None, "0"])

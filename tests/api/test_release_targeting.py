@@ -64,6 +64,19 @@ def test_app_version_bounds_are_inclusive_and_numeric(
     assert offered(client, project) == base["version"]
 
 
+def test_a_label_after_the_app_version_is_not_compared(
+    client: httpx.Client, project: Project
+) -> None:
+    """Android flavors add a label to `versionName` (`2.4.1-staging`, `2.4.1.debug`), builds
+    a number (`2.4.1+45`): the device is matched by the number before it."""
+    base = release(client, project)
+    ranged = release(client, project, min_app_version="2.4.1", max_app_version="2.4.9")
+    for labelled in ("2.4.1-staging", "2.4.1.debug", "2.4.1+45", "2.4.9 (45)", "2.4.5_qa"):
+        assert offered(client, project, app_version=labelled) == ranged["version"], labelled
+    for labelled in ("2.4.0-staging", "2.4.10.debug", "2.5+45"):
+        assert offered(client, project, app_version=labelled) == base["version"], labelled
+
+
 def test_an_open_ended_range(client: httpx.Client, project: Project) -> None:
     release(client, project)
     newer = release(client, project, min_app_version="2.10.0")
@@ -179,8 +192,12 @@ def test_bad_patches_are_400_and_change_nothing(
 @pytest.mark.parametrize(
     ("params", "code"),
     [
-        ({"app_version": "2.x"}, "invalid_app_version"),
+        ({"app_version": "latest"}, "invalid_app_version"),
+        ({"app_version": "2,4"}, "invalid_app_version"),
         ({"app_version": "1.2.3.4.5"}, "invalid_app_version"),
+        ({"app_version": "1234567"}, "invalid_app_version"),
+        ({"app_version": "2.4.1-" + "x" * 64}, "invalid_app_version"),
+        ({"app_version": "2.4.1-\u00e9"}, "invalid_app_version"),
         ({"platform": "i" * 33}, "invalid_platform"),
         ({"platform": "ios;drop"}, "invalid_platform"),
         ({"device_id": "d" * 129}, "invalid_device_id"),

@@ -17,6 +17,13 @@ from koolbase_ota.errors import InvalidInput
 PLATFORMS = ("ios", "android")
 MAX_APP_VERSION_CHARS = 31  # 4 parts of 6 digits and 3 dots; the column's width
 _APP_VERSION = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,6}){0,3}")
+#: A device's app version may carry a label after its number, as Android flavors add one to
+#: `versionName` (`2.4.1-staging`, `2.4.1.debug`) and builds to it (`2.4.1+45`): the label
+#: starts with one of `-+_~ (` or a dot before a letter, is printable ASCII, and is not
+#: compared. A fifth number part (`1.2.3.4.5`) is not a label.
+_DEVICE_APP_VERSION = re.compile(
+    r"([0-9]{1,6}(?:\.[0-9]{1,6}){0,3})(?:(?:[-+_~ (]|\.(?=[A-Za-z]))[ -~]{0,63})?"
+)
 #: What a device may send as its id: a UUID in practice; anything of these characters is taken.
 MAX_DEVICE_ID_CHARS = 128
 _DEVICE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -90,10 +97,12 @@ DEVICE_APP_VERSIONS_KEPT = 1024
 
 @functools.lru_cache(maxsize=DEVICE_APP_VERSIONS_KEPT)
 def device_app_version(value: str) -> VersionKey | None:
-    """A device's `app_version` as sent, or None when it is not a dotted numeric version."""
-    if value.isascii() and _APP_VERSION.fullmatch(value):
-        return version_key(value)
-    return None
+    """A device's `app_version` as sent, by its number (a label after it is not compared), or
+    None when it does not start with a dotted numeric version."""
+    if not value.isascii():
+        return None
+    match = _DEVICE_APP_VERSION.fullmatch(value)
+    return None if match is None else version_key(match[1])
 
 
 def valid_device_id(value: str) -> bool:

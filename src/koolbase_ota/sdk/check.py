@@ -54,7 +54,10 @@ _ERRORS = {
     "invalid_channel": (400, _error("unknown channel", "invalid_channel")),
     "invalid_app_version": (
         400,
-        _error("app_version must be a dotted numeric version like 2.4.1", "invalid_app_version"),
+        _error(
+            "app_version must start with a dotted numeric version like 2.4.1",
+            "invalid_app_version",
+        ),
     ),
     "invalid_platform": (
         400,
@@ -558,7 +561,10 @@ async def check(
     ] = None,
     app_version: Annotated[
         str | None,
-        Query(description="Optional: the app's version (2.4.1), for bundles targeting a range"),
+        Query(
+            description="Optional: the app's version (2.4.1; a label after it, as in "
+            "2.4.1-staging, is not compared), for bundles targeting a range"
+        ),
     ] = None,
     platform: Annotated[
         str | None,

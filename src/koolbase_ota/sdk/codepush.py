@@ -117,7 +117,11 @@ async def code_push_check(
         str | None, Query(description="The bundle version the device runs; 0 = none")
     ] = None,
     app_version: Annotated[
-        str | None, Query(description="The app's version without build number: 2.4.1")
+        str | None,
+        Query(
+            description="The app's version without build number: 2.4.1 (a label after it, as "
+            "in 2.4.1-staging, is not compared)"
+        ),
     ] = None,
     platform: Annotated[str | None, Query(description="ios or android")] = None,
     device_id: Annotated[
