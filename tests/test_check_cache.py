@@ -4,6 +4,7 @@ at least half their lifetime, changes invalidate, and a database outage leaves w
 from __future__ import annotations
 
 import datetime as dt
+import json
 import random
 import socket
 import threading
@@ -27,6 +28,7 @@ from koolbase_ota.projects.service import MAX_PUBLIC_KEY_LENGTH
 from koolbase_ota.sdk import cache as cache_module
 from koolbase_ota.sdk.cache import ANSWER_REUSE_SECONDS, EXPIRY_ROUNDING_SECONDS
 from koolbase_ota.sdk.check import CheckEndpoint, without_device
+from koolbase_ota.storage.local import LocalStore
 from tests.conftest import Project, RunningServer, new_project, released, start_server
 from tests.services import PostgresService
 
@@ -248,7 +250,45 @@ def test_every_url_handed_out_is_valid_for_at_least_half_the_ttl(
     # URL's renewal is due still carries at least half the lifetime, though its expiry was
     # rounded down to a whole second (a URL was seen with 29.93 s left of a 60 s TTL).
     early = ANSWER_REUSE_SECONDS + EXPIRY_ROUNDING_SECONDS
-    assert offer.offer.renew_at - time.monotonic() <= ttl / 2 - early
+    assert offer.offer.renew_at - time.time() <= ttl / 2 - early
+
+
+def test_a_wall_clock_stepped_forward_brings_the_url_renewal_forward(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """URLs expire by the wall clock, so their renewal follows it: a clock stepped forward
+    (NTP after a suspend) must not leave the check handing out a URL already expired.
+    The step is faked: it cannot be caused on this machine without disturbing it."""
+    ttl = 600
+    store = LocalStore(tmp_path, public_url="http://127.0.0.1", secret_key="k" * 32)
+    release = cache_module.Release(
+        id=uuid.uuid4(),
+        version=1,
+        mandatory=False,
+        mandatory_floor=0,
+        targeted_floor=0,
+        storage_path="ota/p/production/v1.zip",
+        checksum="sha256:" + "0" * 64,
+        release_notes=None,
+        file_size=1,
+        platform=None,
+        min_app_version=None,
+        max_app_version=None,
+        rollout_percentage=100,
+        signature="",
+    )
+
+    def url() -> str:
+        answer = release.body("seed", mandatory=False, store=store, ttl_seconds=ttl)
+        return str(json.loads(answer)["download_url"])
+
+    first = url()
+    stepped = time.time() + ttl
+    monkeypatch.setattr(time, "time", lambda: stepped)
+    second = url()
+    assert second != first
+    expires = int(parse_qs(urlparse(second).query)["expires"][0])
+    assert expires - stepped >= ttl / 2
 
 
 def test_identical_checks_reuse_the_answer_for_at_most_a_second_and_not_across_a_change(

@@ -134,7 +134,9 @@ class Release:
 
     def body(self, kind: str, *, mandatory: bool, store: BundleStore, ttl_seconds: int) -> bytes:
         """The finished answer of `kind` ("seed", "seed-rollback" or "code-push")."""
-        now = time.monotonic()
+        # Wall time, not monotonic: URLs expire by the wall clock (ours and the store's), so a
+        # clock stepped forward must bring the renewal forward too.
+        now = time.time()
         if now >= self.renew_at:
             self.url = store.download_url(self.storage_path, ttl_seconds=ttl_seconds)
             self.bodies = {}
