@@ -24,6 +24,7 @@ from koolbase_ota.db import Database, create_db_engine, upgrade_schema
 from koolbase_ota.deps import AppContext
 from koolbase_ota.httpserver import uvicorn_options
 from koolbase_ota.projects import service as projects
+from koolbase_ota.sdk.cache import Release
 from koolbase_ota.storage import BundleStore
 from tests.services import PostgresService, SeaweedService
 
@@ -369,3 +370,25 @@ def assert_download_refused(
     else:
         assert response.status_code == status, response.text
         assert f"<Code>{s3}</Code>" in response.text, response.text
+
+
+def bare_release(version: int = 1, **fields: Any) -> Release:
+    """A check cache release built in memory, for tests of the check's rules: untargeted, not
+    mandatory, at 100% unless `fields` say otherwise."""
+    values: dict[str, Any] = {
+        "id": uuid.UUID(int=version, version=4),
+        "version": version,
+        "mandatory": False,
+        "mandatory_floor": 0,
+        "targeted_floor": 0,
+        "storage_path": f"ota/p/production/v{version}.zip",
+        "checksum": "sha256:" + "0" * 64,
+        "release_notes": None,
+        "file_size": 1,
+        "platform": None,
+        "min_app_version": None,
+        "max_app_version": None,
+        "rollout_percentage": 100,
+        "signature": "",
+    }
+    return Release(**{**values, **fields})

@@ -29,7 +29,14 @@ from koolbase_ota.sdk import cache as cache_module
 from koolbase_ota.sdk.cache import ANSWER_REUSE_SECONDS, EXPIRY_ROUNDING_SECONDS
 from koolbase_ota.sdk.check import CheckEndpoint, without_device
 from koolbase_ota.storage.local import LocalStore
-from tests.conftest import Project, RunningServer, new_project, released, start_server
+from tests.conftest import (
+    Project,
+    RunningServer,
+    bare_release,
+    new_project,
+    released,
+    start_server,
+)
 from tests.services import PostgresService
 
 CHECK = "/v1/sdk/ota/check"
@@ -261,22 +268,7 @@ def test_a_wall_clock_stepped_forward_brings_the_url_renewal_forward(
     The step is faked: it cannot be caused on this machine without disturbing it."""
     ttl = 600
     store = LocalStore(tmp_path, public_url="http://127.0.0.1", secret_key="k" * 32)
-    release = cache_module.Release(
-        id=uuid.uuid4(),
-        version=1,
-        mandatory=False,
-        mandatory_floor=0,
-        targeted_floor=0,
-        storage_path="ota/p/production/v1.zip",
-        checksum="sha256:" + "0" * 64,
-        release_notes=None,
-        file_size=1,
-        platform=None,
-        min_app_version=None,
-        max_app_version=None,
-        rollout_percentage=100,
-        signature="",
-    )
+    release = bare_release()
 
     def url() -> str:
         answer = release.body("seed", mandatory=False, store=store, ttl_seconds=ttl)

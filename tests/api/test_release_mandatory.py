@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from koolbase_ota.bundles.targeting import VersionKey, in_rollout
 from koolbase_ota.sdk import cache
 from tests.api.release import code_push, release, seed_check
-from tests.conftest import Project, released
+from tests.conftest import Project, bare_release, released
 
 DEVICES = [str(uuid.UUID(int=n * 7919 + 3, version=4)) for n in range(40)]
 
@@ -131,21 +131,12 @@ _RELEASES = st.lists(
 def _release(
     version: int, mandatory: bool, platform: str | None, minimum: VersionKey | None, rollout: int
 ) -> cache.Release:
-    return cache.Release(
-        id=uuid.UUID(int=version, version=4),
-        version=version,
+    return bare_release(
+        version,
         mandatory=mandatory,
-        mandatory_floor=0,
-        targeted_floor=0,
-        storage_path=f"ota/p/production/v{version}.zip",
-        checksum="sha256:" + "0" * 64,
-        release_notes=None,
-        file_size=1,
         platform=platform,
         min_app_version=minimum,
-        max_app_version=None,
         rollout_percentage=rollout,
-        signature="",
     )
 
 
