@@ -183,6 +183,46 @@ def test_a_delete_while_the_store_is_frozen_is_finished_by_gc_once_it_is_back(
         assert [row.storage_path for row in rows(server)] == [kept["storage_path"]]
 
 
+def test_a_copy_to_a_frozen_store_is_503_and_gc_resolves_its_record(
+    tmp_path: Path, seaweed: SeaweedService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SeaweedFS has no copy-if-absent, so a promote looks for the target first, then copies.
+    The store is frozen between the two (the look is wrapped to freeze it when it returns):
+    the copy is sent to a store that holds it and may carry it out when it wakes up."""
+    with running(tmp_path, **s3_settings(seaweed, storage_timeout_seconds=1)) as (server, client):
+        project = new_project(server.db)
+        bundle = released(client, project)
+        key = f"ota/{project.id}/staging/v1.zip"
+        store = server.store
+        look = store.exists
+
+        async def look_then_freeze(looked_up: str) -> bool:
+            found = await look(looked_up)
+            if looked_up == key:
+                seaweed.pause()
+            return found
+
+        monkeypatch.setattr(store, "exists", look_then_freeze)
+        try:
+            response = client.post(
+                project.path(f"/bundles/{bundle['id']}/promote"),
+                headers=project.auth,
+                json={"channel": "staging"},
+            )
+        finally:
+            seaweed.resume()
+            monkeypatch.undo()
+        assert_error(response, 503, "storage_unavailable")
+        assert [row.channel for row in rows(server)] == ["production"]
+        # The copy that timed out may still land: its key stays recorded, and gc removes
+        # whatever is there.
+        assert pending_paths(server) == {key: "upload"}
+        result = gc(server, "--grace-seconds", "0")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert pending_paths(server) == {}
+        assert server.stored_keys() == {bundle["storage_path"]}
+
+
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresService]:
     """A PostgreSQL of this test's own, to stop without disturbing the rest of the suite."""

@@ -11,6 +11,7 @@ same bytes again under a new version with nothing left to say they were recalled
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,9 @@ from koolbase_ota.bundles import service, targeting
 from koolbase_ota.bundles.models import Bundle, PendingObject
 from koolbase_ota.db import Database, utcnow
 from koolbase_ota.errors import Conflict, InvalidInput, NotFound
-from koolbase_ota.storage import BundleStore, ObjectNotFound
+from koolbase_ota.storage import BundleStore, ObjectNotFound, StoreOutcomeUnknown
+
+logger = logging.getLogger(__name__)
 
 #: The fields of a promote request body.
 FIELDS = ("channel", "activate", "rollout_percentage", "release_notes", "mandatory")
@@ -167,9 +170,13 @@ async def promote_bundle(
 
     path, version = await service._db(allocate)
 
-    # 2. Copy inside the store. If that fails nothing references the target; drop the record.
+    # 2. Copy inside the store. If that fails nothing references the target; drop the record,
+    #    unless the store may still finish the copy: then `gc` removes whatever lands.
     try:
         await store.copy(source.storage_path, path)
+    except StoreOutcomeUnknown:
+        logger.warning("copying to %s failed midway; left recorded for gc", path)
+        raise
     except BaseException as exc:
         await service._forget_pending(db, path)
         if isinstance(exc, ObjectNotFound):

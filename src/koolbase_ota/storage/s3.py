@@ -154,7 +154,8 @@ class S3BundleStore:
         except FileNotFoundError as exc:
             raise ObjectNotFound(f"no object at {source_key}") from exc
         except (BaseError, OSError) as exc:
-            raise _unavailable("copy the bundle", exc) from exc
+            # Like a PUT, a copy that timed out may still land.
+            raise _unavailable("copy the bundle", exc, kind=StoreOutcomeUnknown) from exc
 
     async def delete(self, key: str) -> None:
         try:
