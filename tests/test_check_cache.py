@@ -23,6 +23,7 @@ from sqlalchemy.exc import OperationalError
 
 from koolbase_ota import changes
 from koolbase_ota.bundles import targeting
+from koolbase_ota.bundles.models import Bundle
 from koolbase_ota.db import Database, utcnow
 from koolbase_ota.projects.service import MAX_PUBLIC_KEY_LENGTH
 from koolbase_ota.sdk import cache as cache_module
@@ -33,6 +34,7 @@ from tests.conftest import (
     Project,
     RunningServer,
     bare_release,
+    eventually,
     new_project,
     released,
     start_server,
@@ -538,6 +540,38 @@ def test_a_busy_change_log_does_not_hide_a_new_change(
         path = project.path(f"/bundles/{bundle['id']}")
         assert client.patch(path, headers=project.auth, json={"mandatory": True}).status_code == 200
         assert client.get(CHECK, headers=project.key()).json()["mandatory"] is True
+
+
+def test_the_refresh_goes_on_when_counting_the_checks_fails(
+    server_factory: Callable[..., RunningServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refresh loop also adds the hot routes' counts to the metrics. When that failed (a
+    metrics file on a full disk: injected, it cannot be caused here) the loop ended, and no
+    change made elsewhere reached this process's checks again."""
+    server = server_factory()
+    project = new_project(server.db)
+    cache = server.context.check_cache
+
+    def full_disk() -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache.tally, "flush", full_disk)
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+        bundle = released(client, project)
+        assert client.get(CHECK, headers=project.key()).json()["mandatory"] is False
+        time.sleep(server.settings.cache_refresh_seconds * 3)  # the loop has counted, and failed
+        # The change another process would make: the row and its change-log entry.
+        with server.db.write() as session:
+            row = session.get(Bundle, uuid.UUID(bundle["id"]))
+            assert row is not None
+            row.mandatory = True
+            changes.record(
+                session, project_id=project.id, kind=changes.BUNDLES, channel="production"
+            )
+        eventually(
+            lambda: client.get(CHECK, headers=project.key()).json()["mandatory"] is True,
+            "the change made elsewhere reaching the check",
+        )
 
 
 def test_the_change_log_reads_every_new_change_and_the_newest_recent_ones(

@@ -14,6 +14,7 @@ import pytest
 from koolbase_ota.storage import BundleStore, ObjectExists, ObjectNotFound
 from koolbase_ota.storage.local import LocalStore
 from koolbase_ota.storage.s3 import CHUNK_BYTES, S3BundleStore
+from tests.conftest import new_project, start_server, uploaded
 from tests.services import SeaweedService
 
 
@@ -107,3 +108,22 @@ def test_multipart_uploads_take_turns_and_a_queued_one_gives_up_in_bounded_time(
     asyncio.run(scenario())
     assert asyncio.run(store.exists("ota/p/production/v1.zip"))
     assert asyncio.run(store.exists("ota/p/production/v2.zip"))
+
+
+@pytest.mark.parametrize("name", ["my data", "données", "100%"])
+def test_a_data_dir_whose_name_needs_escaping_keeps_the_bundles_inside_it(
+    tmp_path: Path, name: str
+) -> None:
+    """The default store URL is the data dir's `as_uri()`, percent-encoded: read undecoded, the
+    bundles went to a sibling folder literally named `my%20data`, outside the data dir."""
+    data_dir = tmp_path / name
+    server = start_server(data_dir)
+    try:
+        with httpx.Client(base_url=server.base_url, timeout=30) as client:
+            project = new_project(server.db)
+            bundle = uploaded(client, project)
+        stored = data_dir / "bundles" / bundle["storage_path"]
+        assert stored.is_file()
+        assert sorted(path.name for path in tmp_path.iterdir()) == [name]
+    finally:
+        server.stop()

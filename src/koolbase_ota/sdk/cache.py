@@ -539,7 +539,12 @@ class CheckCache:
         next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
         while True:
             await asyncio.sleep(every_seconds)
-            self.flush_tallies()
+            try:
+                self.flush_tallies()
+            except Exception as exc:
+                # Counting failed (a metrics file on a full disk): the loop goes on, or no
+                # change would reach this process's checks again.
+                logger.warning("could not count the checks served: %s", type(exc).__name__)
             try:
                 await self.refresh()
                 if time.monotonic() >= next_prune:

@@ -6,7 +6,7 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from koolbase_ota.errors import NotFound, StorageUnavailable
 
@@ -75,8 +75,12 @@ def open_store(settings: Settings) -> BundleStore:
     if parsed.scheme == "file":
         from koolbase_ota.storage.local import LocalStore
 
+        # A file URL's path is percent-encoded (`/srv/my%20data`, as the default's
+        # `Path.as_uri()` writes a data dir with a space): the folder is its decoded name.
         return LocalStore(
-            Path(parsed.path), public_url=settings.public_url, secret_key=settings.secret_key
+            Path(unquote(parsed.path)),
+            public_url=settings.public_url,
+            secret_key=settings.secret_key,
         )
     if parsed.scheme == "s3":
         from koolbase_ota.storage.s3 import S3BundleStore
