@@ -7,12 +7,13 @@ import hashlib
 import io
 import json
 import re
+import resource
 import shutil
 import socket
 import subprocess
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,11 +79,16 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def launch(
-    data_dir: Path, log_name: str, *options: str, env: dict[str, str] | None = None
+    data_dir: Path,
+    log_name: str,
+    *options: str,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Server:
     """Start `koolbase-ota serve` on a free port of 127.0.0.1 without waiting for it.
 
-    `env` adds settings (a PostgreSQL URL, an S3 store) to the process's environment.
+    `env` adds settings (a PostgreSQL URL, an S3 store) to the process's environment;
+    `preexec_fn` runs in the child before `serve` starts.
     """
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
@@ -90,7 +96,9 @@ def launch(
     log_path = data_dir.parent / f"{log_name}.stderr.log"
     command = [str(CONSOLE_SCRIPT), "serve", "--host", "127.0.0.1", "--port", str(port), *options]
     with open(log_path, "wb") as stderr, open(log_path.with_suffix(".stdout"), "wb") as stdout:
-        process = subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr)
+        process = subprocess.Popen(
+            command, env=env, stdout=stdout, stderr=stderr, preexec_fn=preexec_fn
+        )
     return Server(process=process, base_url=base_url, data_dir=data_dir, log_path=log_path)
 
 
@@ -355,6 +363,29 @@ def test_two_workers_serve_a_project_made_with_the_cli(tmp_path: Path) -> None:
     while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+
+
+def test_serve_raises_its_open_file_limit_to_the_hard_one(tmp_path: Path) -> None:
+    """Every connection is an open file, and services often start with a soft limit of 1024
+    (here 256): a thousand devices kept alive would leave no check accepted at all."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = 256
+    if hard != resource.RLIM_INFINITY and hard <= low:
+        pytest.skip(f"the hard limit here is {hard}: there is nothing to raise")
+
+    def lower_the_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+
+    server = launch(tmp_path / "data", "nofile", preexec_fn=lower_the_soft_limit)
+    try:
+        wait_until_answering(server)
+        limits = Path(f"/proc/{server.process.pid}/limits").read_text()
+    finally:
+        stop(server.process)
+    (line,) = [line for line in limits.splitlines() if line.startswith("Max open files")]
+    soft_now = line.split()[3]
+    wanted = 65536 if hard == resource.RLIM_INFINITY else hard
+    assert soft_now == str(wanted), line
 
 
 def test_the_real_server_answers_413_before_and_during_the_body(tmp_path: Path) -> None:

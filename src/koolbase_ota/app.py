@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -42,6 +43,8 @@ from koolbase_ota.security import (
 )
 from koolbase_ota.storage import open_store
 from koolbase_ota.storage.signing import DOWNLOAD_PREFIX
+
+logger = logging.getLogger(__name__)
 
 
 class OTAApp(FastAPI):
@@ -89,7 +92,18 @@ def create_app(settings: Settings) -> OTAApp:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await cache.start()
+        try:
+            await cache.start()
+        except Exception as exc:
+            # A worker (re)started while the database is down failed its start with a
+            # traceback and served nothing. It serves instead (/healthz alive, /readyz and
+            # whatever needs the database 503) and, from the change log's first entry, reads
+            # every change once the database is back: nothing it caches meanwhile goes stale.
+            logger.warning(
+                "database unavailable at start (%s); serving, and reading the change log "
+                "from its start once the database is back",
+                type(exc).__name__,
+            )
         # Everything built so far lives as long as the process: move it out of the collector's
         # way, so full collections stay short and do not stall in-flight checks.
         gc.collect()

@@ -59,9 +59,11 @@ _LimitText = Annotated[
     response_model=list[AuditEventOut],
     responses={status: {"model": ErrorOut} for status in (400, 401, 404)},
     summary="The project's audit trail: who changed what, newest first",
-    description="Every change made to the project: uploads, activations, mandatory flags, "
-    "deletions, and dashboard token and public key changes. `actor` is `token:<token id>` for "
-    "a change made through the API and `cli` for one made with the command line.",
+    description="Every change made to the project, as `action`: `bundle.upload`, "
+    "`bundle.activate`, `bundle.mandatory`, `bundle.update` (targeting, rollout), "
+    "`bundle.recall`, `bundle.promote`, `bundle.delete`, `channel.add`, `token.create`, "
+    "`token.revoke`, `key.rotate` and `project.create`. `actor` is `token:<token id>` for a "
+    "change made through the API and `cli` for one made with the command line.",
 )
 async def list_audit_events(
     project_id: ProjectDep,

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import ValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from koolbase_ota import __version__, audit
 from koolbase_ota.clock import rfc3339
@@ -134,6 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir(mode=0o700)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    _raise_open_file_limit()
     logger.info(
         "serving on http://%s:%s with %d worker(s) (data in %s)",
         args.host,
@@ -145,6 +148,28 @@ def cmd_serve(args: argparse.Namespace) -> None:
         _serve_uvicorn(args, settings)
     else:
         _serve_granian(args, settings)
+
+
+#: Where the hard limit is unlimited, the soft one is raised this far.
+OPEN_FILES_WANTED = 65536
+
+
+def _raise_open_file_limit() -> None:
+    """Every connection is an open file. Services often start with a soft limit of 1024, which
+    a thousand devices kept alive (75 s) would use up, and then no check is accepted at all:
+    the soft limit is raised to the hard one, as Go's runtime and nginx's workers do. Workers
+    inherit it."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):  # a hard limit we may not reach (macOS's kern.maxfiles)
+            logger.warning("could not raise the open file limit from %d", soft)
 
 
 def _serve_uvicorn(args: argparse.Namespace, settings: Settings) -> None:
@@ -528,6 +553,26 @@ def cmd_gc(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def _whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse `type`: a whole number from `low` to `high`, else a usage error (past
+    `high`, a port or a grace period only failed later, with a traceback)."""
+
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not from {low} to {high}")
+        return value
+
+    return parse
+
+
+#: Longest `gc --grace-seconds` (about 100 years): past it the cut-off date overflows.
+MAX_GRACE_SECONDS = 100 * 366 * 24 * 3600
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes are one `error: ...` line, like every other failure of the command."""
 
@@ -593,8 +638,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = command(commands, "serve", cmd_serve, "migrate the database if needed, then serve")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
+    serve.add_argument("--port", type=_whole_number(1, 65535), default=8080)
+    serve.add_argument(
+        "--workers", type=_whole_number(1, 256), default=1, help="server processes (default 1)"
+    )
 
     project = commands.add_parser("project", help="create and list projects").add_subparsers(
         dest="action", required=True, metavar="ACTION", parser_class=_Parser
@@ -709,7 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc = command(commands, "gc", cmd_gc, "remove orphaned bundle files, report missing ones")
     gc.add_argument(
         "--grace-seconds",
-        type=int,
+        type=_whole_number(0, MAX_GRACE_SECONDS),
         default=3600,
         help="leave unreferenced files younger than this alone (default 3600)",
     )
@@ -736,6 +783,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.handler(args)
     except (CliError, OTAError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except (OperationalError, InterfaceError, PoolTimeoutError) as exc:
+        # A database that failed after the command started (down, locked past the timeout).
+        # The driver's first line says why; the statement and its parameters (a token's hash
+        # among them) are not shown.
+        reason = str(getattr(exc, "orig", None) or type(exc).__name__).strip().splitlines()
+        print(
+            f"error: the database is unavailable: {reason[0] if reason else 'unknown'}",
+            file=sys.stderr,
+        )
         raise SystemExit(1) from None
 
 

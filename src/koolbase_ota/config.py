@@ -9,20 +9,56 @@ import os
 import secrets
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 SECRET_KEY_FILE = "secret_key"  # noqa: S105  (a file name, not a secret)
 MIN_SECRET_KEY_LENGTH = 32
 CHANNELS = ("production", "staging", "development")
+#: Settings whose default is taken when their variable is unset. Set but empty, it is refused:
+#: `KOOLBASE_OTA_DATABASE_URL=$DATABASE_URL` with that variable missing started a server on a
+#: SQLite file of its own (a secret key, a data dir of its own ...) without a word.
+_NOT_EMPTY = frozenset(
+    {
+        "data_dir",
+        "database_url",
+        "storage_url",
+        "public_url",
+        "secret_key",
+        "s3_endpoint",
+        "s3_region",
+    }
+)
+_SET_BUT_EMPTY = object()
+
+
+class _Environment(EnvSettingsSource):
+    """The `KOOLBASE_OTA_*` variables, with one of `_NOT_EMPTY` that is set but empty marked
+    so, for its validator to refuse (an empty value given in code still means the default)."""
+
+    def __call__(self) -> dict[str, Any]:
+        return {
+            name: _SET_BUT_EMPTY if name in _NOT_EMPTY and value == "" else value
+            for name, value in super().__call__().items()
+        }
 
 
 class Settings(BaseSettings):
     """Every option of the server; each is also the environment variable `KOOLBASE_OTA_<NAME>`."""
 
-    model_config = SettingsConfigDict(env_prefix="KOOLBASE_OTA_", extra="ignore")
+    # No `inf` or `nan`: an infinite rate or timeout got past every bound and failed later,
+    # with a traceback, where it was turned into an integer or a timedelta.
+    model_config = SettingsConfigDict(
+        env_prefix="KOOLBASE_OTA_", extra="ignore", allow_inf_nan=False
+    )
 
     data_dir: Path = Path("./data")
     database_url: str = ""
@@ -32,8 +68,10 @@ class Settings(BaseSettings):
     secret_key: str = Field(default="", repr=False)
     max_bundle_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
     # How long a backend may take before the request fails instead of waiting forever.
-    database_timeout_seconds: float = Field(default=10.0, gt=0)
-    storage_timeout_seconds: float = Field(default=10.0, gt=0)
+    # At most a day: PostgreSQL's statement_timeout and a timedelta have a ceiling, and a value
+    # past it failed every connection, or the start with a traceback.
+    database_timeout_seconds: float = Field(default=10.0, gt=0, le=24 * 3600)
+    storage_timeout_seconds: float = Field(default=10.0, gt=0, le=24 * 3600)
     # How long an upload's body may stall (no bytes arriving) before it is refused with 408.
     upload_idle_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     # How long an upload's whole body may take (a trickle that never stalls), then 408.
@@ -85,10 +123,79 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("aws_session_token", "AWS_SESSION_TOKEN"),
     )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _Environment(settings_cls), dotenv_settings, file_secret_settings
+
+    @field_validator(*_NOT_EMPTY, mode="before")
+    @classmethod
+    def _set_but_empty(cls, value: Any) -> Any:
+        if value is _SET_BUT_EMPTY:
+            raise ValueError("is set but empty; unset it for the default, or give a value")
+        return value
+
     @field_validator("public_url")
     @classmethod
-    def _strip_slash(cls, value: str) -> str:
+    def _base_url(cls, value: str) -> str:
+        # Devices fetch the download URLs built on it: without a scheme and a host they were
+        # relative URLs no device can follow, handed out without an error.
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+            raise ValueError(
+                "must be an http:// or https:// URL with a host, e.g. https://ota.example.com"
+            )
+        if parts.fragment or "#" in value:
+            raise ValueError("must not have a #fragment")
         return value.rstrip("/")
+
+    @field_validator("storage_url")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        if not value:
+            return value  # the bundles folder in the data dir
+        parts = urlsplit(value)
+        if (
+            parts.scheme == "file"
+            and parts.netloc in ("", "localhost")
+            and parts.path.startswith("/")
+        ):
+            return value
+        if parts.scheme == "s3" and parts.netloc:
+            return value
+        # `file://bundles` put the files in /, `s3://` had no bucket, a bare path or another
+        # scheme failed in every worker with a traceback.
+        raise ValueError("must be file:///ABSOLUTE/PATH or s3://BUCKET[/PREFIX]")
+
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if value and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise ValueError(
+                "must be an http:// or https:// URL, e.g. https://<account>.r2.cloudflarestorage.com"
+            )
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        for item in value.split(","):
+            origin = item.strip().rstrip("/")
+            if not origin:
+                continue
+            parts = urlsplit(origin)
+            # A browser sends `scheme://host[:port]`: anything else never matched, so CORS stayed
+            # off for it without a word; `*` opened the API to every origin.
+            if not parts.scheme or not parts.netloc or parts.path or parts.query or parts.fragment:
+                raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
+        return value
 
     @field_validator("trusted_proxies")
     @classmethod

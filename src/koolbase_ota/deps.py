@@ -115,7 +115,9 @@ def json_object(
         return {}
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: arrays or objects nested past the interpreter's limit (`[[[...`),
+        # which fit easily in the body limit; otherwise a 500.
         raise InvalidInput(f"the body must be JSON: {expected}", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise InvalidInput(f"the body must be {expected}", code="invalid_body")

@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import hmac
 import secrets
+import unicodedata
 import uuid
 from dataclasses import dataclass
 
@@ -55,11 +56,20 @@ def new_dashboard_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
+def _unprintable(char: str) -> bool:
+    return unicodedata.category(char) in ("Cc", "Cs")
+
+
 def create_project(db: Database, *, name: str, actor: str = audit.CLI) -> CreatedProject:
     """Create a project with its three environments, seed channels and one dashboard token."""
     name = name.strip()
-    if not name or len(name) > _MAX_NAME:
-        raise InvalidInput(f"project name must be 1 to {_MAX_NAME} characters", code="invalid_name")
+    # Control characters would break the one-line listings; a lone surrogate (what Python makes
+    # of an argument that is not UTF-8) cannot be stored at all and failed with a traceback.
+    if not name or len(name) > _MAX_NAME or any(_unprintable(char) for char in name):
+        raise InvalidInput(
+            f"project name must be 1 to {_MAX_NAME} characters, none of them control characters",
+            code="invalid_name",
+        )
     keys = {environment: new_public_key(environment) for environment in ENVIRONMENTS}
     token = new_dashboard_token()
     with db.write() as session:
@@ -170,7 +180,9 @@ def list_tokens(db: Database, *, project_id: uuid.UUID) -> list[DashboardToken]:
 def revoke_token(db: Database, *, token_id: uuid.UUID, actor: str = audit.CLI) -> DashboardToken:
     """Revoke a token; it stops working at once. Revoking twice keeps the first time."""
     with db.write() as session:
-        row = session.get(DashboardToken, token_id)
+        # Locked, so that of two revocations at once the second sees the first (on PostgreSQL
+        # both read "not revoked" before and both recorded a revocation).
+        row = session.get(DashboardToken, token_id, with_for_update=True)
         if row is None:
             raise NotFound("token not found", code="token_not_found")
         if row.revoked_at is None:
