@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,43 @@ def test_readyz_checks_database_and_store(client: httpx.Client) -> None:
     response = client.get("/readyz")
     assert response.status_code == 200
     assert response.json() == {"status": "ok", "checks": {"database": "ok", "storage": "ok"}}
+
+
+def _head_then_get(base_url: str, path: str) -> bytes:
+    """A HEAD and a GET of `path` pipelined on one connection: everything the server sends."""
+    url = httpx.URL(base_url)
+    assert url.port is not None
+    request = f"{{}} {path} HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection((url.host, url.port), timeout=30) as connection:
+        connection.sendall(request.format("HEAD").encode() + request.format("GET").encode())
+        received = b""
+        while received.count(b"HTTP/1.1 ") < 2 or not received.endswith(b"}"):
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    return received
+
+
+@pytest.mark.parametrize("interface", ["uvicorn", "asgi", "rsgi"])
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+def test_health_checks_answer_head_without_a_body(
+    tmp_path: Path, interface: str, path: str
+) -> None:
+    """Monitors that probe with HEAD got 405 and reported the server down."""
+    env = {"KOOLBASE_OTA_SERVER_INTERFACE": interface}
+    with serving(tmp_path / "data", f"head-{interface}", env=env) as server:
+        received = _head_then_get(server.base_url, path)
+    head, get = received.split(b"HTTP/1.1 ")[1:]
+    assert head.startswith(b"200 "), received
+    assert get.startswith(b"200 "), received
+    # The HEAD's head ends the HEAD: no body before the GET's status line, and the length the
+    # GET's body has.
+    head_headers = head.split(b"\r\n\r\n")[0].lower()
+    get_headers, get_body = get.split(b"\r\n\r\n", 1)
+    assert head.endswith(b"\r\n\r\n"), received
+    assert f"content-length: {len(get_body)}".encode() in head_headers, received
+    assert f"content-length: {len(get_body)}".encode() in get_headers.lower(), received
 
 
 def test_metrics_count_requests_by_route_errors_and_uploads(

@@ -58,6 +58,12 @@ async def readyz(context: ContextDep) -> JSONResponse:
     )
 
 
+# HEAD as GET, without the body: monitors that probe with HEAD (some uptime services do by
+# default) got 405 and reported the server down. Left out of the OpenAPI document.
+router.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
+router.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
+
+
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(context: ContextDep) -> Response:
     context.check_cache.flush_tallies()
