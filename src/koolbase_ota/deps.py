@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from koolbase_ota.ratelimit import RateLimited, RateLimits
 from koolbase_ota.sdk.cache import CheckCache
 from koolbase_ota.storage import BundleStore
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class AppContext:
@@ -31,6 +34,21 @@ class AppContext:
     store: BundleStore
     check_cache: CheckCache
     limits: RateLimits
+
+    async def show_change(self) -> None:
+        """After a committed change: this process's checks see it at once.
+
+        Should the database fail just then, the change is saved all the same and reaches the
+        checks with the next poll of the change log. The request succeeded, so it answers as
+        such: a 503 would have the client repeat it (a second promoted copy, a toggle undone).
+        """
+        try:
+            await self.check_cache.refresh()
+        except Exception as exc:
+            logger.warning(
+                "the change is saved; this process's checks see it with the next poll (%s)",
+                type(exc).__name__,
+            )
 
 
 async def get_context(request: Request) -> AppContext:

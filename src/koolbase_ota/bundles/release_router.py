@@ -79,5 +79,5 @@ async def promote_bundle(
         actor=dashboard.actor,
     )
     # This process's checks see an activated copy at once; the others within their refresh.
-    await context.check_cache.refresh()
+    await context.show_change()
     return BundleOut.of(bundle)

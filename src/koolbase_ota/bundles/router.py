@@ -230,7 +230,7 @@ async def activate_bundle(
         actor=dashboard.actor,
     )
     # This process's checks see the change at once; the others within their refresh interval.
-    await context.check_cache.refresh()
+    await context.show_change()
     return BundleOut.of(bundle)
 
 
@@ -252,7 +252,7 @@ async def recall_bundle(bundle_id: str, dashboard: DashboardDep, context: Contex
         bundle_id=parse_id(bundle_id, what="bundle"),
         actor=dashboard.actor,
     )
-    await context.check_cache.refresh()
+    await context.show_change()
     return BundleOut.of(bundle)
 
 
@@ -304,7 +304,7 @@ async def set_mandatory(
             fields=body,
             actor=dashboard.actor,
         )
-    await context.check_cache.refresh()
+    await context.show_change()
     return BundleOut.of(bundle)
 
 
@@ -323,5 +323,5 @@ async def delete_bundle(bundle_id: str, dashboard: DashboardDep, context: Contex
         bundle_id=parse_id(bundle_id, what="bundle"),
         actor=dashboard.actor,
     )
-    await context.check_cache.refresh()
+    await context.show_change()
     return Response(status_code=204)

@@ -85,7 +85,7 @@ async def add_channel(request: Request, dashboard: DashboardDep, context: Contex
         actor=dashboard.actor,
     )
     # This process's checks see the new channel at once; the others within their refresh.
-    await context.check_cache.refresh()
+    await context.show_change()
     return ChannelOut.of(info)
 
 
