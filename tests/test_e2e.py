@@ -326,6 +326,28 @@ def test_restart_keeps_the_project_and_its_credentials(tmp_path: Path) -> None:
     assert str(credentials_path.resolve()) not in second_log
 
 
+def test_a_first_start_that_cannot_write_the_credentials_makes_no_project(tmp_path: Path) -> None:
+    """The default project was committed before its credentials file was written: when the
+    write failed, a project existed whose token and keys nobody held, and later starts, seeing
+    a project, never wrote them."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    (data_dir / CREDENTIALS_FILE).mkdir()  # what stands there cannot be written over
+    result = run_cli(data_dir, "serve", "--host", "127.0.0.1", "--port", str(free_port()))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: could not write "), result
+    assert "Traceback" not in result.stderr
+    assert query(data_dir, "SELECT count(*) FROM projects") == [(0,)]
+
+    (data_dir / CREDENTIALS_FILE).rmdir()
+    with serving(data_dir, "after-the-failed-start") as server:
+        credentials = server.credentials()
+        bundles = f"{server.base_url}/v1/projects/{credentials['project_id']}/ota/bundles"
+        response = httpx.get(bundles, headers=auth(credentials["dashboard_token"]), timeout=10)
+    assert response.status_code == 200, response.text
+    assert query(data_dir, "SELECT name FROM projects") == [("default",)]
+
+
 #: How uvicorn (the default) and granian log a started worker process.
 WORKER_STARTED = re.compile(r"Started server process \[(\d+)\]|Spawning worker-\d+ with PID: (\d+)")
 

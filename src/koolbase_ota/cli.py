@@ -103,11 +103,14 @@ def _created_json(created: CreatedProject) -> dict[str, Any]:
 
 
 def write_private_json(path: Path, data: Any) -> None:
-    """Write a file only its owner can read; it is created with those rights, never widened."""
+    """Write a file only its owner can read; it is created with those rights, never widened,
+    and is on disk when this returns."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         json.dump(data, handle, indent=2)
         handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def ensure_default_project(settings: Settings, db: Database) -> Path | None:
@@ -116,10 +119,20 @@ def ensure_default_project(settings: Settings, db: Database) -> Path | None:
         if projects.has_any_project(db):
             return None
         path = settings.data_dir / CREDENTIALS_FILE
-        created = projects.create_project(db, name="default")
-        if path.exists():
-            path.unlink()
-        write_private_json(path, _created_json(created))
+
+        def write_down(created: CreatedProject) -> None:
+            # Before the commit: a project whose credentials could not be written (a full
+            # disk) is not made, and the next start tries again.
+            try:
+                path.unlink(missing_ok=True)  # one of a start that failed to commit
+                write_private_json(path, _created_json(created))
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    if path.is_file():
+                        path.unlink()  # ours, written in part
+                raise CliError(f"could not write {path}: {exc.strerror}") from None
+
+        projects.create_project(db, name="default", before_commit=write_down)
         return path
 
 

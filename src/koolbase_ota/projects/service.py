@@ -8,6 +8,7 @@ import hmac
 import secrets
 import unicodedata
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
@@ -60,8 +61,19 @@ def _unprintable(char: str) -> bool:
     return unicodedata.category(char) in ("Cc", "Cs")
 
 
-def create_project(db: Database, *, name: str, actor: str = audit.CLI) -> CreatedProject:
-    """Create a project with its three environments, seed channels and one dashboard token."""
+def create_project(
+    db: Database,
+    *,
+    name: str,
+    actor: str = audit.CLI,
+    before_commit: Callable[[CreatedProject], None] | None = None,
+) -> CreatedProject:
+    """Create a project with its three environments, seed channels and one dashboard token.
+
+    `before_commit` gets the project with its secrets before it is committed: should it fail
+    (its credentials could not be written down), no project is made, so none exists whose
+    token and keys nobody holds.
+    """
     name = name.strip()
     # Control characters would break the one-line listings; a lone surrogate (what Python makes
     # of an argument that is not UTF-8) cannot be stored at all and failed with a traceback.
@@ -102,9 +114,12 @@ def create_project(db: Database, *, name: str, actor: str = audit.CLI) -> Create
                 "environments": list(ENVIRONMENTS),
             },
         )
-    return CreatedProject(
-        project=project, dashboard_token=token, token_id=token_row.id, public_keys=keys
-    )
+        created = CreatedProject(
+            project=project, dashboard_token=token, token_id=token_row.id, public_keys=keys
+        )
+        if before_commit is not None:
+            before_commit(created)
+    return created
 
 
 def list_projects(db: Database) -> list[Project]:
