@@ -32,7 +32,8 @@ class Published:
     bundle_id: str
 
 
-def _publish(server: Server, interface: str) -> Published:
+def publish(server: Server, interface: str) -> Published:
+    """Upload and activate a bundle of random bytes on `server`; its download URL."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
         archive.writestr("payload.bin", os.urandom(300_000))
@@ -67,7 +68,7 @@ def published(
     data_dir: Path = tmp_path_factory.mktemp(f"serve-{interface}") / "data"
     env = {"KOOLBASE_OTA_SERVER_INTERFACE": interface}
     with serving(data_dir, f"serve-{interface}", env=env) as server:
-        yield _publish(server, interface)
+        yield publish(server, interface)
 
 
 def _get(url: str, **headers: str) -> httpx.Response:
@@ -208,7 +209,7 @@ def test_a_deleted_bundle_stops_downloading(published: Published) -> None:
     api = f"{published.server.base_url}/v1/projects/{credentials['project_id']}/ota"
     token = auth(credentials["dashboard_token"])
     # Publish a second bundle to delete, so the module's bundle stays for the other cases.
-    other = _publish(published.server, published.interface)
+    other = publish(published.server, published.interface)
     assert _get(other.url).status_code == 200
     deleted = httpx.delete(f"{api}/bundles/{other.bundle_id}", headers=token, timeout=30)
     assert deleted.status_code == 204

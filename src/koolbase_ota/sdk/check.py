@@ -131,6 +131,16 @@ def _without_device_parts(raw_query: bytes) -> tuple[bytes, str] | None:
     return b"&".join(others), device.decode("latin-1")
 
 
+#: Whitespace around a header's value, which is not the value's (RFC 9110 5.5): llhttp keeps
+#: what trails it, granian does not, so the key is read without it on every interface.
+_OWS = " \t"
+
+
+def key_value(api_key: str | None) -> str | None:
+    """An `x-api-key` header's value as the key it names, without surrounding whitespace."""
+    return api_key.strip(_OWS) if api_key else api_key
+
+
 def parse_device(
     app_version: str | None, platform: str | None, device_id: str | None
 ) -> Device | str:
@@ -139,6 +149,10 @@ def parse_device(
         return ANY_DEVICE
     version_key = None
     if app_version:
+        if len(app_version) > targeting.MAX_DEVICE_APP_VERSION_CHARS:
+            # Refused before the kept parses: each keeps its text, and a request's can be as
+            # long as its head (64 KiB), so 1,024 of them would hold 64 MiB per process.
+            return "invalid_app_version"
         version_key = targeting.device_app_version(app_version)
         if version_key is None:
             return "invalid_app_version"
@@ -321,7 +335,7 @@ class CheckEndpoint:
     def request(self, api_key: str | None, query: dict[str, str]) -> CheckRequest:
         """What this check's query parameters ask."""
         return CheckRequest(
-            api_key=api_key,
+            api_key=key_value(api_key),
             channel=query.get("channel") or DEFAULT_CHANNEL,
             version=query.get("version"),
             version_error="invalid_version",

@@ -25,6 +25,7 @@ from koolbase_ota.sdk.check import (
     Resolved,
     api_key_header,
     documented_answer,
+    key_value,
 )
 from koolbase_ota.security import RATE_LIMITED_RESPONSE
 
@@ -54,7 +55,7 @@ class CodePushEndpoint(CheckEndpoint):
 
     def request(self, api_key: str | None, query: dict[str, str]) -> CheckRequest:
         return CheckRequest(
-            api_key=api_key,
+            api_key=key_value(api_key),
             channel=query.get("channel") or DEFAULT_CHANNEL,
             version=query.get("current_bundle") or None,
             version_error="invalid_current_bundle",
