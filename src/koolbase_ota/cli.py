@@ -708,7 +708,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--project", required=True, metavar="ID")
         if name != "list":
             sub.add_argument("bundle_id", metavar="BUNDLE_ID")
-        sub.add_argument("--json", action="store_true", help="print the bundle object as JSON")
+        sub.add_argument(
+            "--json",
+            action="store_true",
+            help="print the bundle object as JSON (list: an array of them)",
+        )
         return sub
 
     bundle_list = bundle_command(

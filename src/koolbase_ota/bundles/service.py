@@ -433,7 +433,8 @@ def activate_in_session(
     """Activate inside the caller's transaction, which holds the channel's lock already."""
     if bundle.recalled_at is not None:
         raise Conflict(
-            "the bundle is recalled and cannot be released again; promote it as a new version",
+            "the bundle is recalled and cannot be released again; release a fixed bundle, or"
+            " promote an older good one, instead",
             code="bundle_recalled",
         )
     if rollout_percentage is not None:
