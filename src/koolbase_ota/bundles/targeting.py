@@ -17,13 +17,13 @@ from koolbase_ota.errors import InvalidInput
 PLATFORMS = ("ios", "android")
 MAX_APP_VERSION_CHARS = 31  # 4 parts of 6 digits and 3 dots; the column's width
 _APP_VERSION = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,6}){0,3}")
+#: The longest a device's app version can be: the number (4 parts of 6 digits, 3 dots) and
+#: a label of at most 64 characters.
+MAX_DEVICE_APP_VERSION_CHARS = 4 * 6 + 3 + 64
 #: A device's app version may carry a label after its number, as Android flavors add one to
 #: `versionName` (`2.4.1-staging`, `2.4.1.debug`) and builds to it (`2.4.1+45`): the label
 #: starts with one of `-+_~ (` or a dot before a letter, is printable ASCII, and is not
 #: compared. A fifth number part (`1.2.3.4.5`) is not a label.
-#: The longest a device's app version can be: the number (4 parts of 6 digits, 3 dots) and
-#: a label of at most 64 characters.
-MAX_DEVICE_APP_VERSION_CHARS = 4 * 6 + 3 + 64
 _DEVICE_APP_VERSION = re.compile(
     r"([0-9]{1,6}(?:\.[0-9]{1,6}){0,3})(?:(?:[-+_~ (]|\.(?=[A-Za-z]))[ -~]{0,63})?"
 )
