@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import socket
 import time
 import zipfile
 from typing import Any
@@ -19,7 +18,6 @@ from fastapi import FastAPI
 from koolbase_ota.sdk.check import CHECK_PATH
 from koolbase_ota.sdk.codepush import CODE_PUSH_PATH
 from tests.api.release import add_stable, release
-from tests.api.test_upload import host_port
 from tests.conftest import (
     Project,
     RunningServer,
@@ -28,20 +26,12 @@ from tests.conftest import (
     upload,
     uploaded,
 )
-from tests.test_hostile_requests import Answer, read_answer, send
+from tests.test_hostile_requests import Answer, raw_request
 
 #: The check paths with one letter percent-encoded: not the raw path the warm path matches,
 #: so the app's bare endpoint answers them.
 THROUGH_APP = {path: path.replace("check", "%63heck") for path in (CHECK_PATH, CODE_PUSH_PATH)}
 UNKNOWN_KEY = "pk_live_" + "0" * 24
-
-
-def raw_get(server: RunningServer, target: str, headers: list[tuple[str, str]]) -> Answer:
-    """One GET on a connection of its own, the headers sent exactly as given (repeats too)."""
-    lines = [f"GET {target} HTTP/1.1", "Host: 127.0.0.1", *(f"{n}: {v}" for n, v in headers)]
-    with socket.create_connection(host_port(server), timeout=10) as sock:
-        send(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        return read_answer(sock)
 
 
 def through_route(server: RunningServer, target: str, headers: list[tuple[str, str]]) -> Answer:
@@ -79,8 +69,8 @@ def test_a_repeated_x_api_key_is_read_alike_by_the_warm_path_the_endpoint_and_th
     headers = pair if good_last else pair[::-1]
     query = "?channel=production"
     for _ in range(2):  # the first may be cold; the second is the warm path's
-        warm = raw_get(server, path + query, headers)
-    endpoint = raw_get(server, THROUGH_APP[path] + query, headers)
+        warm = raw_request(server.base_url, "GET", path + query, headers)
+    endpoint = raw_request(server.base_url, "GET", THROUGH_APP[path] + query, headers)
     route = through_route(server, path + query, headers)
     # The last one counts, as on the warm path (`httpserver`, which this review leaves alone).
     assert warm.status == (200 if good_last else 401), warm.body

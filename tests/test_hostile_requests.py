@@ -102,6 +102,20 @@ def read_answer(sock: socket.socket) -> Answer:
     return Answer(status=int(status_line.split()[1]), headers=headers, body=body[:length])
 
 
+def raw_request(
+    base_url: str, method: str, target: str, headers: list[tuple[str, str]] | None = None
+) -> Answer:
+    """One request on a connection of its own, its header lines sent exactly as given
+    (repeats too)."""
+    url = httpx.URL(base_url)
+    assert url.port is not None
+    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1"]
+    lines += [f"{name}: {value}" for name, value in headers or []]
+    with socket.create_connection((url.host, url.port), timeout=30) as sock:
+        send(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        return read_answer(sock)
+
+
 def send(sock: socket.socket, data: bytes) -> None:
     """Send what the server will take; one that has answered and hung up takes no more."""
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):

@@ -9,10 +9,11 @@ import datetime as dt
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Connection, text
+from sqlalchemy import text
 
 from koolbase_ota.bundles.gc import collect_garbage
 from koolbase_ota.storage import StoredObject
@@ -103,8 +104,28 @@ def _settled(server: RunningServer, job: Future[httpx.Response], waiters: int) -
     return job.done() or _waiting_for_locks(server) >= waiters
 
 
-def _locked(connection: Connection, statement: str, **params: object) -> None:
-    connection.execute(text(statement), params)
+Request = tuple[str, str, dict[str, Any]]
+
+
+def _queued_behind_a_lock(
+    server: RunningServer, lock: str, params: dict[str, object], first: Request, second: Request
+) -> tuple[httpx.Response, httpx.Response]:
+    """`first`, then `second`, each sent once the one before waits on the lock that `lock`
+    (a `SELECT ... FOR UPDATE`) holds; the lock is let go once both are queued or done."""
+    with server.db.engine.connect() as holder, ThreadPoolExecutor(2) as pool:
+        holder.execute(text(lock), params)
+
+        def queue(request: Request, waiters: int) -> Future[httpx.Response]:
+            method, path, kwargs = request
+            job = pool.submit(_send, server, method, path, **kwargs)
+            eventually(lambda: _settled(server, job, waiters), f"{method} queued", within=10)
+            return job
+
+        earlier = queue(first, 1)
+        assert not earlier.done(), "the first request did not wait on the lock"
+        later = queue(second, 2)
+        holder.rollback()
+        return earlier.result(timeout=30), later.result(timeout=30)
 
 
 def test_activate_racing_a_delete_is_a_json_answer_and_leaves_no_row_without_its_file(
@@ -114,20 +135,14 @@ def test_activate_racing_a_delete_is_a_json_answer_and_leaves_no_row_without_its
     project = new_project(isolated.db)
     bundle = uploaded(isolated_client, project)
     path = project.path(f"/bundles/{bundle['id']}")
-    with isolated.db.engine.connect() as holder, ThreadPoolExecutor(2) as pool:
-        # The channel's lock, which every change to a channel's bundles queues on.
-        _locked(
-            holder,
-            "SELECT 1 FROM channels WHERE project_id = :project AND name = 'production' FOR UPDATE",
-            project=project.id,
-        )
-        activating = pool.submit(_send, isolated, "POST", f"{path}/activate", headers=project.auth)
-        eventually(lambda: _settled(isolated, activating, 1), "activate waiting", within=10)
-        assert not activating.done()
-        deleting = pool.submit(_send, isolated, "DELETE", path, headers=project.auth)
-        eventually(lambda: _settled(isolated, deleting, 2), "delete queued or done", within=10)
-        holder.rollback()
-        activated, deleted = activating.result(timeout=30), deleting.result(timeout=30)
+    # The channel's lock, which every change to a channel's bundles queues on.
+    activated, deleted = _queued_behind_a_lock(
+        isolated,
+        "SELECT 1 FROM channels WHERE project_id = :project AND name = 'production' FOR UPDATE",
+        {"project": project.id},
+        ("POST", f"{path}/activate", {"headers": project.auth}),
+        ("DELETE", path, {"headers": project.auth}),
+    )
 
     assert deleted.status_code == 204, deleted.text
     if activated.status_code != 200:
@@ -144,18 +159,14 @@ def test_setting_mandatory_racing_a_delete_is_a_json_answer(
     project = new_project(isolated.db)
     bundle = uploaded(isolated_client, project)
     path = project.path(f"/bundles/{bundle['id']}")
-    with isolated.db.engine.connect() as holder, ThreadPoolExecutor(2) as pool:
-        # The bundle's own row: the delete gets in line for it first, the PATCH second.
-        _locked(holder, "SELECT 1 FROM bundles WHERE id = :id FOR UPDATE", id=bundle["id"])
-        deleting = pool.submit(_send, isolated, "DELETE", path, headers=project.auth)
-        eventually(lambda: _settled(isolated, deleting, 1), "delete waiting", within=10)
-        assert not deleting.done()
-        patching = pool.submit(
-            _send, isolated, "PATCH", path, headers=project.auth, json={"mandatory": True}
-        )
-        eventually(lambda: _settled(isolated, patching, 2), "patch waiting", within=10)
-        holder.rollback()
-        deleted, patched = deleting.result(timeout=30), patching.result(timeout=30)
+    # The bundle's own row: the delete gets in line for it first, the PATCH second.
+    deleted, patched = _queued_behind_a_lock(
+        isolated,
+        "SELECT 1 FROM bundles WHERE id = :id FOR UPDATE",
+        {"id": bundle["id"]},
+        ("DELETE", path, {"headers": project.auth}),
+        ("PATCH", path, {"headers": project.auth, "json": {"mandatory": True}}),
+    )
 
     assert deleted.status_code == 204, deleted.text
     assert_error(patched, 404, "bundle_not_found")

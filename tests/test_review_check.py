@@ -3,7 +3,6 @@ differently by different paths, before its fix. Real servers, real HTTP."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,23 +16,13 @@ from koolbase_ota.sdk.codepush import CODE_PUSH_PATH
 from tests.api.release import release
 from tests.conftest import Project, RunningServer
 from tests.test_e2e import Server, serving
-from tests.test_hostile_requests import Answer, read_answer, send
+from tests.test_hostile_requests import raw_request
 from tests.test_rsgi import publish
 
 #: The check paths with one letter percent-encoded: the app's bare endpoint answers them, not
 #: the warm path inside the HTTP parser.
 THROUGH_APP = {path: path.replace("check", "%63heck") for path in (CHECK_PATH, CODE_PUSH_PATH)}
 QUERIES = {CHECK_PATH: "?channel=production&version=0", CODE_PUSH_PATH: "?channel=production"}
-
-
-def raw_get(base_url: str, target: str, headers: list[tuple[str, str]]) -> Answer:
-    """One GET on a connection of its own, its header lines written exactly as given."""
-    url = httpx.URL(base_url)
-    assert url.port is not None
-    lines = [f"GET {target} HTTP/1.1", "Host: 127.0.0.1", *(f"{n}: {v}" for n, v in headers)]
-    with socket.create_connection((url.host, url.port), timeout=10) as sock:
-        send(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        return read_answer(sock)
 
 
 # Every interface `serve` runs: uvicorn with our protocol, granian on ASGI and on RSGI.
@@ -71,11 +60,13 @@ def test_whitespace_after_the_key_is_not_the_keys_on_any_interface(
     answered with the offer; llhttp keeps what trails, and uvicorn (warm path and app alike)
     answered 401 `invalid_api_key`: one request, two answers, by the server it reached."""
     base = served.server.base_url
-    expected = raw_get(base, path + QUERIES[path], [("x-api-key", served.key)])
+    expected = raw_request(base, "GET", path + QUERIES[path], [("x-api-key", served.key)])
     assert expected.status == 200, expected.body
     for target in (path, THROUGH_APP[path]):
         for _ in range(2):  # the first may be cold; then the cached answer
-            padded = raw_get(base, target + QUERIES[path], [("x-api-key", served.key + padding)])
+            padded = raw_request(
+                base, "GET", target + QUERIES[path], [("x-api-key", served.key + padding)]
+            )
             assert (padded.status, padded.body) == (expected.status, expected.body), (
                 served.interface,
                 target,
@@ -83,7 +74,7 @@ def test_whitespace_after_the_key_is_not_the_keys_on_any_interface(
 
 
 def test_a_key_of_only_whitespace_is_a_missing_key(served: Served) -> None:
-    answer = raw_get(served.server.base_url, CHECK_PATH, [("x-api-key", " \t ")])
+    answer = raw_request(served.server.base_url, "GET", CHECK_PATH, [("x-api-key", " \t ")])
     assert answer.status == 401
     assert answer.json()["code"] == "missing_api_key"
 
@@ -105,7 +96,7 @@ def test_a_padded_key_is_read_alike_on_every_path_of_the_default_server(
             [("x-api-key", "pk_live_" + "0" * 24), ("x-api-key", key + "  ")],
         ):
             for _ in range(3):
-                answer = raw_get(server.base_url, target + QUERIES[path], headers)
+                answer = raw_request(server.base_url, "GET", target + QUERIES[path], headers)
                 assert (answer.status, answer.body) == (200, plain.content), (target, headers)
 
 

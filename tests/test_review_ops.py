@@ -3,7 +3,6 @@ used wrongly or failing later, and metrics whose series a client cannot multiply
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -25,6 +24,7 @@ from tests.conftest import (
 from tests.services import PostgresService
 from tests.test_cli import CONSOLE_SCRIPT, CliResult, cli_env, cli_error_problems, run_cli
 from tests.test_e2e import serving
+from tests.test_hostile_requests import raw_request
 
 #: Each bad setting, and what its one error line must name.
 BAD_SETTINGS: list[tuple[dict[str, str], str]] = [
@@ -115,14 +115,6 @@ def test_good_settings_of_each_checked_kind_are_still_taken(tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
 
 
-def _raw_request(base_url: str, method: str, path: str) -> bytes:
-    host, port = httpx.URL(base_url).host, httpx.URL(base_url).port
-    assert port is not None
-    with socket.create_connection((host, port), timeout=30) as connection:
-        connection.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        return connection.recv(100)
-
-
 @pytest.mark.parametrize("interface", ["asgi", "rsgi"])
 def test_an_invented_method_adds_no_metrics_series(tmp_path: Path, interface: str) -> None:
     """granian hands on any token as the method: each one a client invented was a new series
@@ -130,8 +122,8 @@ def test_an_invented_method_adds_no_metrics_series(tmp_path: Path, interface: st
     env = {"KOOLBASE_OTA_SERVER_INTERFACE": interface}
     with serving(tmp_path / "data", f"serve-{interface}", env=env) as server:
         for number in range(3):
-            answer = _raw_request(server.base_url, f"INVENTED{number}", "/healthz")
-            assert answer.startswith(b"HTTP/1.1 405"), answer
+            answer = raw_request(server.base_url, f"INVENTED{number}", "/healthz")
+            assert answer.status == 405, answer
         metrics = httpx.get(server.base_url + "/metrics", timeout=30).text
     assert "INVENTED" not in metrics
     assert (
