@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -1081,3 +1082,63 @@ def test_the_documented_routes_answer_as_the_endpoints_do(
         assert through_route.status_code == through_endpoint.status_code
         assert through_route.content == through_endpoint.content
         assert through_route.headers["cache-control"] == "no-store"
+
+
+def _upload_recording_pieces(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch, *, slow_app: bool
+) -> tuple[list[bytes], list[bytes]]:
+    """Upload a 4 MiB bundle; return the body pieces the parser handed the protocol and the
+    chunks the app received, as objects. `slow_app`: the app pauses after each chunk, so
+    pieces queue up behind it."""
+    from koolbase_ota.bundles import multipart, router
+
+    pieces: list[bytes] = []
+    received: list[bytes] = []
+    on_body = OTAHttpProtocol.on_body
+
+    def recording_on_body(self: OTAHttpProtocol, body: bytes) -> None:
+        pieces.append(body)
+        on_body(self, body)
+
+    read_upload_form = multipart.read_upload_form
+
+    async def recording_read(chunks: Any, **options: Any) -> Any:
+        async def recorded() -> Any:
+            async for chunk in chunks:
+                received.append(chunk)
+                if slow_app:
+                    await asyncio.sleep(0.005)
+                yield chunk
+
+        return await read_upload_form(recorded(), **options)
+
+    monkeypatch.setattr(OTAHttpProtocol, "on_body", recording_on_body)
+    monkeypatch.setattr(router, "read_upload_form", recording_read)
+    project = new_project(server.db)
+    bundle = make_zip({"data.bin": os.urandom(4 * 1024 * 1024)})
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+        answer = upload(client, project, bundle)
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["checksum"] == "sha256:" + hashlib.sha256(bundle).hexdigest()
+    assert b"".join(received) == b"".join(pieces)
+    return pieces, received
+
+
+def test_an_upload_piece_reaches_the_app_as_it_is(
+    http_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A piece of body that finds nothing ahead of it is handed to the app as the same object:
+    uvicorn appended each to a bytearray and copied that out, twice every byte of an upload."""
+    pieces, received = _upload_recording_pieces(http_server, monkeypatch, slow_app=False)
+    handed_as_is = [chunk for chunk in received if any(chunk is piece for piece in pieces)]
+    assert handed_as_is
+
+
+def test_upload_pieces_that_queue_up_reach_the_app_joined_in_order(
+    http_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pieces that arrive while the app is busy wait, and are handed over joined, in order
+    (`b"".join` of what arrived equals what was received, checked in the helper)."""
+    pieces, received = _upload_recording_pieces(http_server, monkeypatch, slow_app=True)
+    assert len(received) < len(pieces)
+    assert max(map(len, received)) > max(map(len, pieces))

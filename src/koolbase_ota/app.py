@@ -15,6 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import Receive, Scope, Send
 
 from koolbase_ota import __version__
+from koolbase_ota.allocator import reuse_freed_memory
 from koolbase_ota.audit_router import router as audit_router
 from koolbase_ota.bundles.release_router import router as release_router
 from koolbase_ota.bundles.router import router as bundles_router
@@ -164,4 +165,5 @@ def create_app(settings: Settings) -> OTAApp:
 
 def create_app_from_env() -> OTAApp:
     """Entry point for server workers: each reads the same environment the CLI was given."""
+    reuse_freed_memory()
     return create_app(Settings())

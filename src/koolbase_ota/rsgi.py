@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 from urllib.parse import quote
 
+from koolbase_ota.allocator import reuse_freed_memory
 from koolbase_ota.app import OTAApp, create_app
 from koolbase_ota.config import Settings
 from koolbase_ota.sdk.check import CheckEndpoint
@@ -203,4 +204,5 @@ def create_rsgi_app(settings: Settings) -> RSGIApp:
 
 def create_rsgi_app_from_env() -> RSGIApp:
     """Entry point for server workers: each reads the same environment the CLI was given."""
+    reuse_freed_memory()
     return create_rsgi_app(Settings())

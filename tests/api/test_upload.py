@@ -84,6 +84,15 @@ def encrypted_zip() -> bytes:
     return bytes(data)
 
 
+def not_utf8_zip() -> bytes:
+    """A zip whose entry name is flagged UTF-8 (0x800) but is not: it was a 500."""
+    data = bytearray(zip_bytes([(entry("caf\u00e9.json"), b"{}")]))
+    for signature, name_at in ((b"PK\x03\x04", 30), (b"PK\x01\x02", 46)):
+        name = data.index(signature) + name_at
+        data[name + 3 : name + 5] = b"\xff\xfe"
+    return bytes(data)
+
+
 def corrupt_zip(method: int) -> bytes:
     """A zip whose headers are intact but whose entry data is damaged."""
     content = b"abcdefgh" * 5000
@@ -714,6 +723,7 @@ def test_curl_receives_the_413(
             id="duplicate",
         ),
         pytest.param(encrypted_zip(), "encrypted_entry", id="encrypted"),
+        pytest.param(not_utf8_zip(), "invalid_zip", id="name-not-utf8"),
     ],
 )
 def test_bad_zips_are_refused_and_nothing_is_stored(
@@ -865,3 +875,31 @@ def test_a_failed_background_sync_fails_the_upload_and_leaves_no_file(
     with pytest.raises(OSError, match="Input/output error"):
         _read_form_in_pieces(body, tmp_path, durable=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_parser_is_fed_the_pieces_as_they_came(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches go to the parsing thread as lists of the pieces received, not joined first:
+    joining copied every byte of an upload once more on the event loop."""
+    from python_multipart.multipart import MultipartParser
+
+    written: list[bytes] = []
+    write = MultipartParser.write
+
+    def recording(self: MultipartParser, data: bytes) -> int:
+        written.append(data)
+        return write(self, data)
+
+    monkeypatch.setattr(MultipartParser, "write", recording)
+    bundle = make_zip({"a.bin": os.urandom(2 * 1024 * 1024)})
+    body = multipart_body(bundle)
+    staged = _read_form_in_pieces(body, tmp_path, durable=False)
+    try:
+        assert staged.bundle_path is not None
+        assert staged.bundle_path.read_bytes() == bundle
+    finally:
+        staged.discard()
+    assert b"".join(written) == body
+    # _read_form_in_pieces hands over 64 KiB pieces; each is written as it is.
+    assert max(map(len, written)) == 64 * 1024

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -335,3 +337,144 @@ def test_the_name_length_limit_comes_from_the_limits(tmp_path: Path) -> None:
     path = simple(tmp_path / "long.zip", {"a" * 20: b"x"})
     assert validate_zip(path, limits=ZipLimits(max_name_length=20)) == 1
     refused(path, "unsafe_entry_name", ZipLimits(max_name_length=19))
+
+
+# --- validate_zip: reading the data --------------------------------------------------------
+# The data is read by our own loop (zlib-ng's CRC-32 and inflate), not zipfile's reader: each
+# refusal zipfile's reader made is pinned here.
+
+
+def _deflated(path: Path, content: bytes) -> bytearray:
+    data = write_zip(path, [(entry("data.json", compress_type=zipfile.ZIP_DEFLATED), content)])
+    return bytearray(data.read_bytes())
+
+
+def _set_sizes(data: bytearray, *, crc: int | None = None, size: int | None = None) -> None:
+    """Rewrite the CRC-32 or uncompressed size in both the local header and the directory."""
+    for signature, crc_at in ((b"PK\x03\x04", 14), (b"PK\x01\x02", 16)):
+        at = data.index(signature) + crc_at
+        if crc is not None:
+            data[at : at + 4] = crc.to_bytes(4, "little")
+        if size is not None:
+            data[at + 8 : at + 12] = size.to_bytes(4, "little")
+
+
+def test_a_deflated_entry_with_a_wrong_crc(tmp_path: Path) -> None:
+    content = b"abcdefgh" * 5000
+    data = _deflated(tmp_path / "valid.zip", content)
+    _set_sizes(data, crc=zlib.crc32(content) ^ 1)
+    path = tmp_path / "crc.zip"
+    path.write_bytes(bytes(data))
+    assert "CRC" in refused(path, "invalid_zip").message
+
+
+@pytest.mark.parametrize("delta", [-1, 1], ids=["inflates-to-more", "inflates-to-less"])
+def test_a_deflated_entry_whose_size_is_not_the_declared_one(tmp_path: Path, delta: int) -> None:
+    content = b"abcdefgh" * 5000
+    data = _deflated(tmp_path / "valid.zip", content)
+    _set_sizes(data, size=len(content) + delta)
+    path = tmp_path / "size.zip"
+    path.write_bytes(bytes(data))
+    refused(path, "invalid_zip")
+
+
+def test_a_deflate_stream_cut_short(tmp_path: Path) -> None:
+    """Compressed sizes agree everywhere, but the stream ends before its last block."""
+    content = os.urandom(20_000) * 3
+    path = tmp_path / "full.zip"
+    write_zip(path, [(entry("data.bin", compress_type=zipfile.ZIP_DEFLATED), content)])
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("data.bin")
+    stream = zlib.compressobj(6, zlib.DEFLATED, -15)
+    cut = (stream.compress(content) + stream.flush(zlib.Z_SYNC_FLUSH))[: info.compress_size - 5]
+    truncated = tmp_path / "cut.zip"
+    with zipfile.ZipFile(truncated, "w") as archive:
+        archive.writestr(entry("data.bin"), cut)  # stored: we patch the method afterwards
+    data = bytearray(truncated.read_bytes())
+    for signature, method_at in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+        at = data.index(signature) + method_at
+        data[at : at + 2] = zipfile.ZIP_DEFLATED.to_bytes(2, "little")
+    _set_sizes(data, crc=zlib.crc32(content), size=len(content))
+    truncated.write_bytes(bytes(data))
+    refused(truncated, "invalid_zip")
+
+
+def test_a_local_header_naming_another_file(tmp_path: Path) -> None:
+    """A streaming unzipper writes the local header's name; it must be the one checked."""
+    data = bytearray(simple(tmp_path / "valid.zip", {"config.json": b"{}"}).read_bytes())
+    at = data.index(b"PK\x03\x04") + 30
+    data[at : at + len("config.json")] = b"../evil.sh\x00"
+    path = tmp_path / "renamed.zip"
+    path.write_bytes(bytes(data))
+    refused(path, "invalid_zip")
+
+
+def test_a_name_flagged_utf8_that_is_not(tmp_path: Path) -> None:
+    """It was a UnicodeDecodeError out of zipfile, and a 500 on upload."""
+    data = bytearray(simple(tmp_path / "valid.zip", {"caf\u00e9.json": b"{}"}).read_bytes())
+    for signature, flags_at, name_at in ((b"PK\x03\x04", 6, 30), (b"PK\x01\x02", 8, 46)):
+        at = data.index(signature)
+        assert data[at + flags_at + 1] & 0x08  # zipfile flagged the name as UTF-8 (0x800)
+        name = at + name_at
+        data[name + 3 : name + 5] = b"\xff\xfe"
+    path = tmp_path / "utf8.zip"
+    path.write_bytes(bytes(data))
+    refused(path, "invalid_zip")
+
+
+@pytest.mark.parametrize("flag", [0x20, 0x40], ids=["patched-data", "strong-encryption"])
+def test_flags_zip_readers_do_not_implement(tmp_path: Path, flag: int) -> None:
+    data = bytearray(simple(tmp_path / "valid.zip", {"config.json": b"{}"}).read_bytes())
+    for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        data[data.index(signature) + flags_at] |= flag
+    path = tmp_path / "flags.zip"
+    path.write_bytes(bytes(data))
+    refused(path, "unsupported_zip")
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_entries_bigger_than_a_read_are_read_whole(tmp_path: Path, method: int) -> None:
+    """Entries over the 1 MiB read size, a flipped byte near the end found in each."""
+    content = os.urandom(1024 * 1024) * 2 + b"tail"
+    path = write_zip(
+        tmp_path / "big.zip",
+        [(entry("a.bin", compress_type=method), content), (entry("b.json"), b"{}")],
+    )
+    assert validate_zip(path) == 2
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("a.bin")
+    data[info.header_offset + 30 + len("a.bin") + info.compress_size - 3] ^= 0x01
+    flipped = tmp_path / "flipped.zip"
+    flipped.write_bytes(bytes(data))
+    refused(flipped, "invalid_zip")
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 4096])
+def test_small_reads_accept_honest_entries_and_find_a_flipped_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """With reads and inflated pieces far smaller than the entries, every boundary case comes
+    up: input used up with output still held back, a stream ending mid-read, long runs."""
+    from koolbase_ota.bundles import validation
+
+    monkeypatch.setattr(validation, "_CHUNK", chunk)
+    contents = {
+        "zeros.bin": b"\0" * 70_000,
+        "text.json": b'{"key": "value", "n": 12345}' * 2_000,
+        "mixed.bin": os.urandom(3_000) + b"a" * 5_000 + os.urandom(1_000),
+        "empty.txt": b"",
+    }
+    path = write_zip(
+        tmp_path / "many.zip",
+        [(entry(name, compress_type=zipfile.ZIP_DEFLATED), data) for name, data in contents.items()]
+        + [(entry("stored.bin"), os.urandom(10_000))],
+    )
+    assert validate_zip(path) == len(contents) + 1
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("text.json")
+    data[info.header_offset + 30 + len("text.json") + info.compress_size // 2] ^= 0x10
+    flipped = tmp_path / "flipped.zip"
+    flipped.write_bytes(bytes(data))
+    refused(flipped, "invalid_zip")
