@@ -215,3 +215,34 @@ def test_each_backend_pair_serves_the_whole_flow(server: RunningServer) -> None:
     with httpx.Client(base_url=server.base_url, timeout=30) as client:
         bundle = released(client, project)
     assert bundle["storage_path"] in server.stored_keys()
+
+
+def test_readyz_is_503_when_the_store_check_fails_unexpectedly(
+    server: RunningServer, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store client's error of a kind the stores do not wrap was a 500 from /readyz (a
+    fault that cannot be caused for real, hence the stand-in): it is a backend that cannot be
+    used, 503 like the database."""
+
+    async def failing() -> None:
+        raise RuntimeError("an error of no expected kind")
+
+    monkeypatch.setattr(server.context.store, "check", failing)
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json() == {
+        "status": "unavailable",
+        "checks": {"database": "ok", "storage": "unavailable"},
+    }
+
+
+def test_serve_warns_when_s3_is_set_up_but_the_store_is_local(tmp_path: Path) -> None:
+    """An endpoint set without an s3:// storage URL kept every bundle on local disk silently."""
+    env = {"KOOLBASE_OTA_S3_ENDPOINT": "http://127.0.0.1:9"}
+    with serving(tmp_path / "data", "s3-unused", env=env) as server:
+        assert httpx.get(server.base_url + "/readyz").status_code == 200
+        log = server.log()
+    assert "KOOLBASE_OTA_S3_ENDPOINT is set but KOOLBASE_OTA_STORAGE_URL is not" in log
+    with serving(tmp_path / "other", "s3-unset") as server:
+        log = server.log()
+    assert "KOOLBASE_OTA_S3_ENDPOINT" not in log

@@ -138,6 +138,15 @@ def ensure_default_project(settings: Settings, db: Database) -> Path | None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     settings = _settings()
+    if settings.s3_endpoint and not settings.storage_url.startswith("s3://"):
+        # A deployment that set up its bucket but not the storage URL would otherwise keep
+        # every bundle on this machine's disk without a word.
+        logger.warning(
+            "KOOLBASE_OTA_S3_ENDPOINT is set but KOOLBASE_OTA_STORAGE_URL is not an s3:// URL: "
+            "bundles are stored in %s (set KOOLBASE_OTA_STORAGE_URL=s3://BUCKET/PREFIX to "
+            "store them in S3)",
+            settings.storage_url,
+        )
     db = _database(settings, announce=True)
     credentials = ensure_default_project(settings, db)
     if credentials is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -18,6 +19,7 @@ from koolbase_ota.deps import ContextDep
 from koolbase_ota.errors import OTAError
 from koolbase_ota.metrics import LATENCY, REQUESTS
 
+logger = logging.getLogger(__name__)
 router = APIRouter(tags=["operations"])
 #: The methods counted under their own name; any other is "other". granian passes on whatever
 #: token a client sends as the method, and each one made new series without end.
@@ -50,6 +52,11 @@ async def readyz(context: ContextDep) -> JSONResponse:
         await context.store.check()
         checks["storage"] = "ok"
     except OTAError:
+        checks["storage"] = "unavailable"
+    except Exception as exc:
+        # A store client's error of a kind not expected (the stores wrap theirs): still a
+        # backend that cannot be used, so 503 as for the database, never a 500.
+        logger.warning("readiness: the store check failed: %s", type(exc).__name__)
         checks["storage"] = "unavailable"
     ready = all(value == "ok" for value in checks.values())
     return JSONResponse(
