@@ -78,9 +78,6 @@ def lock_channel(session: Session, *, project_id: uuid.UUID, name: str) -> Chann
     return channel
 
 
-_channel_for_update = lock_channel
-
-
 def check_release_notes(notes: str | None) -> str | None:
     """Release notes within their bound, and without NUL, which PostgreSQL text cannot hold."""
     if notes is None:
@@ -144,7 +141,7 @@ async def upload_bundle(
     #    a crash after this leaves a record for `gc`, never an unrecorded file.
     def allocate() -> str:
         with db.write() as session:
-            row = _channel_for_update(session, project_id=project_id, name=channel)
+            row = lock_channel(session, project_id=project_id, name=channel)
             row.last_version += 1
             path = storage_path(project_id=project_id, channel=channel, version=row.last_version)
             session.add(PendingObject(storage_path=path, reason="upload", created_at=utcnow()))
