@@ -9,7 +9,9 @@ way every block is fresh memory, and every fresh page costs a page fault on firs
 block is simply reused by the next.
 
 The cost is memory that stays with the process after a burst of uploads: up to
-`TRIM_THRESHOLD_BYTES` of free heap is kept instead of given back.
+`TRIM_THRESHOLD_BYTES` of free heap is kept instead of given back, for each of the process's
+allocator arenas (glibc gives busy threads arenas of their own, up to 8 per core;
+`MALLOC_ARENA_MAX` bounds them).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ M_MMAP_THRESHOLD = -3
 #: Blocks smaller than this come from the heap rather than an mmap(2) of their own.
 MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
 #: Free memory at the top of the heap kept for reuse before the rest is given back.
-TRIM_THRESHOLD_BYTES = 16 * 1024 * 1024
+TRIM_THRESHOLD_BYTES = 8 * 1024 * 1024
 
 
 #: How an operator sets these thresholds themselves: glibc's environment variables, and its
@@ -62,10 +64,10 @@ def reuse_freed_memory() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    # Setting either fixes both (glibc stops adjusting them itself), so both are set.
-    done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
-        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-    )
-    if not done:
-        logger.warning("could not set the allocator's thresholds; uploads may be slower")
-    return done
+    # Setting either fixes both (glibc stops adjusting them itself), so both are set; each
+    # on its own (a 32-bit glibc refuses an mmap threshold over 512 KiB).
+    mmap_set = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    trim_set = bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    if not (mmap_set and trim_set):
+        logger.info("the allocator refused a threshold; uploads may be slower")
+    return mmap_set and trim_set
