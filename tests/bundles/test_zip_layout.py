@@ -197,8 +197,17 @@ def test_an_honest_zip64_archive(tmp_path: Path) -> None:
     assert validate_zip(write(tmp_path, buffer.getvalue())) == 1
 
 
-@pytest.mark.parametrize("streamed", [False, True], ids=["file", "streamed"])
-def test_archives_made_by_the_zip_command(tmp_path: Path, streamed: bool) -> None:
+@pytest.mark.parametrize(
+    ("streamed", "options"),
+    [(False, ()), (True, ()), (False, ("-fz",))],
+    ids=["file", "streamed", "file-zip64"],
+)
+def test_archives_made_by_the_zip_command(
+    tmp_path: Path, streamed: bool, options: tuple[str, ...]
+) -> None:
+    """`-fz` (Zip64 records throughout, and a Zip64 end record) was refused: the end record
+    was misread. (Zip 3.0's `-fz` to a stream writes an end record that points to a Zip64
+    one it never wrote; `unzip -t` refuses that archive too.)"""
     zip_command = shutil.which("zip")
     if zip_command is None:
         pytest.skip("no zip command on this machine")
@@ -210,13 +219,13 @@ def test_archives_made_by_the_zip_command(tmp_path: Path, streamed: bool) -> Non
     if streamed:
         with open(target, "wb") as out:
             subprocess.run(
-                [zip_command, "-q", "-fd", "-", "config.json", "assets/strings.json"],
+                [zip_command, "-q", "-fd", *options, "-", "config.json", "assets/strings.json"],
                 cwd=source,
                 stdout=out,
                 check=True,
             )
     else:
-        subprocess.run([zip_command, "-qr", str(target), "."], cwd=source, check=True)
+        subprocess.run([zip_command, "-qr", *options, str(target), "."], cwd=source, check=True)
     assert validate_zip(target) >= 2
 
 

@@ -30,6 +30,8 @@ _EOCD_SIZE = 22
 _LOCAL_HEADER_SIZE = 30
 _DATA_DESCRIPTOR = 0x8
 _UTF8_NAME = 0x800
+_ENCRYPTED = 0x1
+_ZIP64_END_SIZE = 56
 _PATCHED_DATA = 0x20
 _STRONG_ENCRYPTION = 0x40
 _CHUNK = 1024 * 1024
@@ -127,11 +129,14 @@ def _check_layout(handle: BinaryIO, entries: list[zipfile.ZipInfo]) -> list[int]
         locator = handle.read(20)
         if locator[:4] == _ZIP64_LOCATOR:
             (record_at,) = struct.unpack_from("<Q", locator, 8)
+            if record_at > eocd - 20 - _ZIP64_END_SIZE:
+                raise _invalid("a Zip64 end record out of place")
             handle.seek(record_at)
-            record = handle.read(56)
-            if len(record) < 56 or record[:4] != _ZIP64_END:
+            record = handle.read(_ZIP64_END_SIZE)
+            if len(record) < _ZIP64_END_SIZE or record[:4] != _ZIP64_END:
                 raise _invalid("a broken Zip64 end record")
-            record_size, cd_size, cd_offset = struct.unpack_from("<Q32xQQ", record, 4)
+            # Its size, then versions (2 + 2), disk numbers (4 + 4) and entry counts (8 + 8).
+            record_size, cd_size, cd_offset = struct.unpack_from("<Q28xQQ", record, 4)
             if record_at + 12 + record_size != eocd - 20:
                 raise _invalid("data inside the Zip64 end records")
             directory_end = record_at
@@ -146,21 +151,27 @@ def _check_layout(handle: BinaryIO, entries: list[zipfile.ZipInfo]) -> list[int]
         header = handle.read(_LOCAL_HEADER_SIZE)
         if len(header) < _LOCAL_HEADER_SIZE or header[:4] != _LOCAL_HEADER:
             raise _invalid(f"no local header for {entry.filename!r}")
-        flags, crc, compressed, uncompressed, name_length, extra_length = struct.unpack_from(
-            "<H6xIIIHH", header, 6
+        flags, method, crc, compressed, uncompressed, name_length, extra_length = (
+            struct.unpack_from("<HH4xIIIHH", header, 6)
         )
+        # How the data is read: a streaming unzipper goes by the local header, so it must say
+        # what was checked.
+        if method != entry.compress_type or (flags ^ entry.flag_bits) & _ENCRYPTED:
+            raise _invalid(f"the local header of {entry.filename!r} disagrees with the directory")
         name_and_extra = handle.read(name_length + extra_length)
         if len(name_and_extra) != name_length + extra_length:
             raise _invalid(f"the local header of {entry.filename!r} is cut short")
-        # Decoded as zipfile decodes the directory's name (by the directory's flag), so that the
-        # same bytes compare equal.
-        encoding = "utf-8" if entry.flag_bits & _UTF8_NAME else "cp437"
+        # Each name decoded by its own header's flag, as zipfile's reader does: the same name
+        # to a reader of either header (UTF-8 flagged in one only is another name).
+        encoding = "utf-8" if flags & _UTF8_NAME else "cp437"
         if name_and_extra[:name_length].decode(encoding) != entry.orig_filename:
             raise _invalid(f"the local header of {entry.filename!r} names another file")
         extra = name_and_extra[name_length:]
         data_at = entry.header_offset + _LOCAL_HEADER_SIZE + name_length + extra_length
         data_starts[entry.header_offset] = data_at
         end = data_at + entry.compress_size
+        if end > size:
+            raise _invalid(f"the data of {entry.filename!r} runs past the end of the archive")
         if flags & _DATA_DESCRIPTOR:
             # Sizes and CRC follow the data instead: 12 or 20 bytes (Zip64), each
             # optionally after a signature.
