@@ -23,6 +23,7 @@ import pytest
 from fastapi import FastAPI
 
 from koolbase_ota.httpserver import (
+    BODY_READ_BYTES,
     MAX_HEADERS,
     OTAHttpProtocol,
     heads_of,
@@ -1142,3 +1143,43 @@ def test_upload_pieces_that_queue_up_reach_the_app_joined_in_order(
     pieces, received = _upload_recording_pieces(http_server, monkeypatch, slow_app=True)
     assert len(received) < len(pieces)
     assert max(map(len, received)) > max(map(len, pieces))
+
+
+def test_a_connection_with_a_large_body_reads_a_mebibyte_at_a_time(
+    http_server: RunningServer, released_project: tuple[Project, dict[str, Any]]
+) -> None:
+    """asyncio reads 256 KiB at a time, each read a round of the event loop: an upload's
+    connection reads BODY_READ_BYTES instead, and a check's keeps the default."""
+    project, _offer = released_project
+    with connect(http_server) as checking:
+        send(checking, request(CHECK_PATH, key=project.keys["production"]))
+        assert read_answers(checking, 1)[0].status == 200
+        check_protocol = protocol_of(http_server, checking)
+        default = type(check_protocol.transport).max_size  # type: ignore[attr-defined]
+        assert default < BODY_READ_BYTES
+        assert check_protocol.transport.max_size == default  # type: ignore[attr-defined]
+        assert not check_protocol.large_reads
+
+    bundle = make_zip({"data.bin": os.urandom(2 * 1024 * 1024)})
+    boundary = "large-reads"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="bundle"; filename="b.zip"\r\n'
+            "Content-Type: application/zip\r\n\r\n"
+        ).encode()
+        + bundle
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        f"POST {project.path('/upload')} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {project.token}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with connect(http_server) as uploading:
+        send(uploading, head + body)
+        answer = read_answers(uploading, 1)[0]
+        assert answer.status == 201, answer.body
+        upload_protocol = protocol_of(http_server, uploading)
+        assert upload_protocol.large_reads
+        assert upload_protocol.transport.max_size == BODY_READ_BYTES  # type: ignore[attr-defined]
