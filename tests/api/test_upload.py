@@ -903,3 +903,43 @@ def test_the_parser_is_fed_the_pieces_as_they_came(
     assert b"".join(written) == body
     # _read_form_in_pieces hands over 64 KiB pieces; each is written as it is.
     assert max(map(len, written)) == 64 * 1024
+
+
+def test_a_batch_that_failed_while_the_upload_was_refused_leaves_no_unread_error(
+    tmp_path: Path,
+) -> None:
+    """The parsing thread failed on a malformed batch while the body's reading failed too (a
+    client gone): the upload was refused, but the batch's error was never read, and asyncio
+    logged "Future exception was never retrieved" with its traceback."""
+    import asyncio
+    import gc
+
+    from koolbase_ota.bundles import multipart as form
+
+    unhandled: list[dict[str, Any]] = []
+
+    class Gone(Exception):
+        pass
+
+    async def chunks() -> Any:
+        yield b"not a multipart body at all" * 50_000  # one batch: the parser refuses it
+        await asyncio.sleep(0.5)  # the thread has failed by now
+        raise Gone  # the client went away before the next batch
+
+    async def read() -> None:
+        asyncio.get_running_loop().set_exception_handler(
+            lambda _loop, context: unhandled.append(context)
+        )
+        with pytest.raises(Gone):
+            await form.read_upload_form(
+                chunks(),
+                content_type=MULTIPART_TYPE,
+                max_bundle_bytes=8 * 1024 * 1024,
+                tmp_dir=tmp_path,
+            )
+        gc.collect()
+        await asyncio.sleep(0)
+
+    asyncio.run(read())
+    assert [context["message"] for context in unhandled] == []
+    assert list(tmp_path.iterdir()) == []

@@ -336,10 +336,17 @@ async def _discarded(
 
 
 async def _settled(job: asyncio.Future[Any] | None) -> None:
-    """Waits for a job still running (a batch being written, the file being closed)."""
-    if job is not None and not job.done():
+    """Waits for a job still running (a batch being written, the file being closed), and reads
+    its error if it failed: the upload is refused for another reason already, and an error
+    never read is logged by asyncio ("Future exception was never retrieved") as if unhandled.
+    """
+    if job is None:
+        return
+    if not job.done():
         with contextlib.suppress(BaseException):
             await asyncio.wait([job])
+    if job.done() and not job.cancelled():
+        job.exception()
 
 
 async def _time_bounded(
