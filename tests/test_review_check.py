@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
@@ -15,9 +14,9 @@ from koolbase_ota.sdk.check import CHECK_PATH
 from koolbase_ota.sdk.codepush import CODE_PUSH_PATH
 from tests.api.release import release
 from tests.conftest import Project, RunningServer
-from tests.test_e2e import Server, serving
+from tests.test_e2e import Server
 from tests.test_hostile_requests import raw_request
-from tests.test_rsgi import publish
+from tests.test_rsgi import published_on
 
 #: The check paths with one letter percent-encoded: the app's bare endpoint answers them, not
 #: the warm path inside the HTTP parser.
@@ -40,12 +39,9 @@ def served(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Served]:
     """`serve` on each interface with a released bundle (test_rsgi's), and its key."""
-    interface: str = request.param
-    data_dir: Path = tmp_path_factory.mktemp(f"review-{interface}") / "data"
-    env = {"KOOLBASE_OTA_SERVER_INTERFACE": interface}
-    with serving(data_dir, f"review-{interface}", env=env) as server:
-        publish(server, interface)
-        yield Served(server, interface, server.credentials()["public_keys"]["production"])
+    with published_on(tmp_path_factory, request.param, "review") as published:
+        server = published.server
+        yield Served(server, published.interface, server.credentials()["public_keys"]["production"])
 
 
 # The key is the header's value without the whitespace around it.

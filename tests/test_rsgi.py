@@ -8,6 +8,7 @@ mode, so any difference between them is a failure here.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import zipfile
@@ -60,15 +61,24 @@ def publish(server: Server, interface: str) -> Published:
     return Published(server, interface, check.json()["download_url"], content, bundle_id)
 
 
+@contextlib.contextmanager
+def published_on(
+    tmp_path_factory: pytest.TempPathFactory, interface: str, label: str
+) -> Iterator[Published]:
+    """`serve` on `interface`, in a data dir and log named after `label`, with a bundle
+    published."""
+    data_dir: Path = tmp_path_factory.mktemp(f"{label}-{interface}") / "data"
+    env = {"KOOLBASE_OTA_SERVER_INTERFACE": interface}
+    with serving(data_dir, f"{label}-{interface}", env=env) as server:
+        yield publish(server, interface)
+
+
 @pytest.fixture(scope="module", params=["rsgi", "asgi", "uvicorn"])
 def published(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Published]:
-    interface: str = request.param
-    data_dir: Path = tmp_path_factory.mktemp(f"serve-{interface}") / "data"
-    env = {"KOOLBASE_OTA_SERVER_INTERFACE": interface}
-    with serving(data_dir, f"serve-{interface}", env=env) as server:
-        yield publish(server, interface)
+    with published_on(tmp_path_factory, request.param, "serve") as served:
+        yield served
 
 
 def _get(url: str, **headers: str) -> httpx.Response:

@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.bundles.test_validation import break_utf8_name
 from tests.conftest import (
     BUNDLE_FIELDS,
     Project,
@@ -87,9 +88,7 @@ def encrypted_zip() -> bytes:
 def not_utf8_zip() -> bytes:
     """A zip whose entry name is flagged UTF-8 (0x800) but is not: it was a 500."""
     data = bytearray(zip_bytes([(entry("caf\u00e9.json"), b"{}")]))
-    for signature, name_at in ((b"PK\x03\x04", 30), (b"PK\x01\x02", 46)):
-        name = data.index(signature) + name_at
-        data[name + 3 : name + 5] = b"\xff\xfe"
+    break_utf8_name(data)
     return bytes(data)
 
 

@@ -409,14 +409,21 @@ def test_a_local_header_naming_another_file(tmp_path: Path) -> None:
     refused(path, "invalid_zip")
 
 
+def break_utf8_name(data: bytearray) -> None:
+    """In both headers of a zip of one `café.json`, the é (bytes 3-4 of the name) becomes
+    bytes that are not UTF-8."""
+    for signature, name_at in ((b"PK\x03\x04", 30), (b"PK\x01\x02", 46)):
+        at = data.index(signature) + name_at
+        data[at + 3 : at + 5] = b"\xff\xfe"
+
+
 def test_a_name_flagged_utf8_that_is_not(tmp_path: Path) -> None:
     """It was a UnicodeDecodeError out of zipfile, and a 500 on upload."""
     data = bytearray(simple(tmp_path / "valid.zip", {"caf\u00e9.json": b"{}"}).read_bytes())
-    for signature, flags_at, name_at in ((b"PK\x03\x04", 6, 30), (b"PK\x01\x02", 8, 46)):
-        at = data.index(signature)
-        assert data[at + flags_at + 1] & 0x08  # zipfile flagged the name as UTF-8 (0x800)
-        name = at + name_at
-        data[name + 3 : name + 5] = b"\xff\xfe"
+    for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        # zipfile flagged the name as UTF-8 (0x800) in both headers.
+        assert data[data.index(signature) + flags_at + 1] & 0x08
+    break_utf8_name(data)
     path = tmp_path / "utf8.zip"
     path.write_bytes(bytes(data))
     refused(path, "invalid_zip")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from koolbase_ota.bundles.validation import ZipLimits, validate_zip
-from tests.bundles.test_validation import refused, simple
+from tests.bundles.test_validation import break_utf8_name, refused, simple
 from tests.bundles.test_zip_layout import Unseekable
 
 _UTF8_NAME = 0x800
@@ -53,9 +53,7 @@ def test_a_local_name_flagged_utf8_that_is_not(tmp_path: Path) -> None:
     valid = simple(tmp_path / "valid.zip", {"caf\u00e9.json": b"{}"})
     data = bytearray(valid.read_bytes())
     _set_utf8_flags(data, local=True, central=False)
-    for signature, name_at in ((b"PK\x03\x04", 30), (b"PK\x01\x02", 46)):
-        at = data.index(signature) + name_at
-        data[at + 3 : at + 5] = b"\xff\xfe"
+    break_utf8_name(data)
     path = tmp_path / "utf8.zip"
     path.write_bytes(bytes(data))
     refused(path, "invalid_zip")
