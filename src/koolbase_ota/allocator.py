@@ -1,7 +1,7 @@
 """The C allocator's settings for a server process: freed buffers are reused, not re-faulted.
 
-An upload passes its bytes through buffers of up to a few hundred KiB to a MiB: each socket read
-(256 KiB), each piece the HTTP parser copies out, the batches handed to the parsing thread.
+An upload passes its bytes through buffers of up to a MiB: each socket read (1 MiB once the body
+is seen to be large), each piece the HTTP parser copies out, the zip check's reads.
 glibc serves blocks that size with an mmap(2) of their own at first, and later from the top of
 the heap, which it gives back to the kernel as soon as twice the block size is free there. Either
 way every block is fresh memory, and every fresh page costs a page fault on first touch: about
