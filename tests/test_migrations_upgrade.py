@@ -24,7 +24,7 @@ from koolbase_ota.db import Base, alembic_config, create_db_engine, upgrade_sche
 from tests.services import PostgresService
 
 AT = dt.datetime(2025, 3, 1, 12, 0, 0)  # naive UTC, as UTCDateTime stores it
-OLD_REVISIONS = ["0001", "0002", "0003", "0004"]
+OLD_REVISIONS = ["0001", "0002", "0003", "0004", "0005"]
 TABLES = ["projects", "channels", "environments", "dashboard_tokens", "bundles", "pending_objects"]
 
 
@@ -94,6 +94,10 @@ def _fill(connection: Connection, revision: str) -> dict[str, Any]:
                 {"a": ident(uuid.uuid4())},
             )
         )
+    if revision >= "0005":
+        # From 0005 on, a channel is written with its creation time (before, the upgrade
+        # fills it in).
+        statements.append(("UPDATE channels SET created_at = :at", {}))
     for sql, params in statements:
         connection.execute(text(sql), {"p": p, "at": AT, **params})
     return {**ids, "ident": ident}

@@ -13,9 +13,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import String, Text, Uuid, select
+from sqlalchemy import Index, String, Text, Uuid, and_, or_, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from koolbase_ota import paging
 from koolbase_ota.db import Base, Database, UTCDateTime, utcnow
 from koolbase_ota.errors import InvalidInput
 
@@ -46,9 +47,14 @@ def token_actor(token_id: uuid.UUID) -> str:
 
 class AuditEvent(Base):
     __tablename__ = "audit_events"
+    __table_args__ = (
+        # The trail's order within a project: a page, the first or one deep in a long trail,
+        # is a range scan of this index read backwards, never a sort of the project's events.
+        Index("ix_audit_events_project_id_at_id", "project_id", "at", "id"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
-    project_id: Mapped[uuid.UUID] = mapped_column(Uuid, index=True)
+    project_id: Mapped[uuid.UUID] = mapped_column(Uuid)
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
     actor: Mapped[str] = mapped_column(String(100))
     action: Mapped[str] = mapped_column(String(50))
@@ -90,28 +96,74 @@ def record(
     )
 
 
+@dataclass(frozen=True)
+class EventPage:
+    """One page of the trail, and the cursor of the next page when older events remain."""
+
+    events: list[Event]
+    next_cursor: str | None
+
+
+def encode_cursor(*, at: dt.datetime, event_id: uuid.UUID) -> str:
+    """The opaque position just after (older than) the event at `at` with id `event_id`."""
+    stamp = at.astimezone(dt.UTC).replace(tzinfo=None).isoformat(timespec="microseconds")
+    return paging.encode_cursor([stamp, event_id.hex])
+
+
+def decode_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
+    """The (at, id) a cursor points after; anything not in our exact form is refused."""
+    stamp, hex_id = paging.decode_cursor(cursor, 2)
+    try:
+        at = dt.datetime.fromisoformat(stamp).replace(tzinfo=dt.UTC)
+        event_id = uuid.UUID(hex=hex_id)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise paging.invalid_cursor() from exc
+    # Only the spellings we hand out: a zone in the time (dropped above), fewer digits of a
+    # second, or an id in capitals or with dashes is not ours.
+    if encode_cursor(at=at, event_id=event_id) != cursor:
+        raise paging.invalid_cursor()
+    return at, event_id
+
+
 def list_events(db: Database, *, project_id: uuid.UUID, limit: int = DEFAULT_LIMIT) -> list[Event]:
     """The project's latest `limit` events, newest first."""
+    return list_event_page(db, project_id=project_id, limit=limit).events
+
+
+def list_event_page(
+    db: Database, *, project_id: uuid.UUID, limit: int = DEFAULT_LIMIT, cursor: str | None = None
+) -> EventPage:
+    """Up to `limit` events, newest first, starting after `cursor` when one is given.
+
+    A keyset walk over (at, id): events recorded while a caller pages through the trail are
+    newer than its cursor, so they neither shift nor repeat the pages that follow.
+    """
     if not 1 <= limit <= MAX_LIMIT:
         raise InvalidInput(f"limit must be 1 to {MAX_LIMIT}", code="invalid_limit")
-    with db.read() as session:
-        rows = session.scalars(
-            select(AuditEvent)
-            .where(AuditEvent.project_id == project_id)
-            # Several events of one request can share a timestamp on a coarse clock; the id
-            # only makes the order stable, not meaningful.
-            .order_by(AuditEvent.at.desc(), AuditEvent.id.desc())
-            .limit(limit)
+    query = select(AuditEvent).where(AuditEvent.project_id == project_id)
+    if cursor:
+        at, event_id = decode_cursor(cursor)
+        query = query.where(
+            or_(AuditEvent.at < at, and_(AuditEvent.at == at, AuditEvent.id < event_id))
         )
-        return [
-            Event(
-                id=row.id,
-                project_id=row.project_id,
-                at=row.at,
-                actor=row.actor,
-                action=row.action,
-                target=row.target,
-                details=json.loads(row.details),
-            )
-            for row in rows
-        ]
+    # Several events of one request can share a timestamp on a coarse clock; the id only makes
+    # the order stable, not meaningful.
+    query = query.order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit + 1)
+    with db.read() as session:
+        rows = list(session.scalars(query))
+    events = [
+        Event(
+            id=row.id,
+            project_id=row.project_id,
+            at=row.at,
+            actor=row.actor,
+            action=row.action,
+            target=row.target,
+            details=json.loads(row.details),
+        )
+        for row in rows[:limit]
+    ]
+    if len(rows) <= limit:
+        return EventPage(events=events, next_cursor=None)
+    last = events[-1]
+    return EventPage(events=events, next_cursor=encode_cursor(at=last.at, event_id=last.id))

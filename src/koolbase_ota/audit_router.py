@@ -6,15 +6,14 @@ import datetime as dt
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, WithJsonSchema, field_serializer
 from starlette.concurrency import run_in_threadpool
 
-from koolbase_ota import audit
+from koolbase_ota import audit, paging
 from koolbase_ota.bundles.schemas import ErrorOut
 from koolbase_ota.clock import rfc3339
 from koolbase_ota.deps import ContextDep, ProjectDep
-from koolbase_ota.errors import InvalidInput
 
 router = APIRouter(prefix="/v1/projects/{project_id}", tags=["audit"])
 
@@ -57,7 +56,13 @@ _LimitText = Annotated[
 @router.get(
     "/audit",
     response_model=list[AuditEventOut],
-    responses={status: {"model": ErrorOut} for status in (400, 401, 404)},
+    responses={
+        **{status: {"model": ErrorOut} for status in (400, 401, 404)},
+        200: {
+            "description": "The newest `limit` events older than `cursor`, newest first.",
+            "headers": paging.page_headers("older events"),
+        },
+    },
     summary="The project's audit trail: who changed what, newest first",
     description="Every change made to the project, as `action`: `bundle.upload`, "
     "`bundle.activate`, `bundle.mandatory`, `bundle.update` (targeting, rollout), "
@@ -66,6 +71,8 @@ _LimitText = Annotated[
     "change made through the API and `cli` for one made with the command line.",
 )
 async def list_audit_events(
+    request: Request,
+    response: Response,
     project_id: ProjectDep,
     context: ContextDep,
     limit: Annotated[
@@ -75,19 +82,23 @@ async def list_audit_events(
             f"default {audit.DEFAULT_LIMIT})."
         ),
     ] = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            description="The `X-Next-Cursor` of the previous page, for the events older than "
+            "it; opaque. Empty means the newest events."
+        ),
+    ] = None,
 ) -> list[AuditEventOut]:
-    events = await run_in_threadpool(
-        audit.list_events, context.db, project_id=project_id, limit=_limit(limit)
+    size = paging.parse_limit(limit, default=audit.DEFAULT_LIMIT, maximum=audit.MAX_LIMIT)
+    page = await run_in_threadpool(
+        audit.list_event_page, context.db, project_id=project_id, limit=size, cursor=cursor
     )
-    return [AuditEventOut.of(event) for event in events]
-
-
-def _limit(raw: str | None) -> int:
-    """The `limit` query parameter: plain decimal digits; the service checks the range."""
-    if raw is None:
-        return audit.DEFAULT_LIMIT
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 7):
-        raise InvalidInput(
-            f"limit must be a whole number from 1 to {audit.MAX_LIMIT}", code="invalid_limit"
-        )
-    return int(raw)
+    paging.link_next_page(
+        request,
+        response,
+        public_url=context.settings.public_url,
+        limit=size,
+        cursor=page.next_cursor,
+    )
+    return [AuditEventOut.of(event) for event in page.events]

@@ -339,7 +339,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
     db = _database(_settings())
     project_id = _uuid(args.project, "--project")
     projects.get_project(db, project_id=project_id)
-    events = audit.list_events(db, project_id=project_id, limit=args.limit)
+    page = audit.list_event_page(db, project_id=project_id, limit=args.limit, cursor=args.cursor)
     rows = [
         {
             "id": str(event.id),
@@ -349,14 +349,22 @@ def cmd_audit(args: argparse.Namespace) -> None:
             "target": event.target,
             "details": event.details,
         }
-        for event in events
+        for event in page.events
     ]
     if args.json:
         _print_json(rows)
-        return
-    for row in rows:
-        details = json.dumps(row["details"], sort_keys=True)
-        print(f"{row['at']}  {row['actor']}  {row['action']}  {row['target']}  {details}")
+    else:
+        for row in rows:
+            details = json.dumps(row["details"], sort_keys=True)
+            print(f"{row['at']}  {row['actor']}  {row['action']}  {row['target']}  {details}")
+    if page.next_cursor is not None:
+        # On stderr, so that --json still prints one JSON array and nothing else.
+        sys.stdout.flush()
+        print(
+            f"older events follow: koolbase-ota audit --project {project_id} --limit "
+            f"{args.limit} --cursor {page.next_cursor}",
+            file=sys.stderr,
+        )
 
 
 def _channel_json(info: ChannelInfo) -> dict[str, Any]:
@@ -771,6 +779,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=audit.DEFAULT_LIMIT,
         metavar="N",
         help=f"at most N events, 1 to {audit.MAX_LIMIT} (default {audit.DEFAULT_LIMIT})",
+    )
+    audit_trail.add_argument(
+        "--cursor",
+        metavar="C",
+        help="the events older than this position (printed after a page that has more)",
     )
     audit_trail.add_argument("--json", action="store_true", help="print one JSON array")
 

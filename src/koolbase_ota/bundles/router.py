@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from typing import Annotated, Any
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import WithJsonSchema
 from starlette.concurrency import run_in_threadpool
 
+from koolbase_ota import paging
 from koolbase_ota.bundles import service
 from koolbase_ota.bundles.multipart import check_declared_length, read_upload_form
 from koolbase_ota.bundles.schemas import ActivateIn, BundleOut, BundlePatchIn, ErrorOut
@@ -117,18 +117,6 @@ async def upload_bundle(
     return BundleOut.of(bundle)
 
 
-_PAGE_HEADERS = {
-    "X-Next-Cursor": {
-        "description": "Sent on a paginated answer when more bundles follow: the `cursor` of "
-        "the next page. The last page has none.",
-        "schema": {"type": "string"},
-    },
-    "Link": {
-        "description": 'With `X-Next-Cursor`: `<URL of the next page>; rel="next"`.',
-        "schema": {"type": "string"},
-    },
-}
-
 # Documented as the integer it must be, but parsed by the route so that a bad value gets our
 # own 400 `invalid_limit` rather than the generic validation error.
 _LimitText = Annotated[
@@ -144,7 +132,7 @@ _LimitText = Annotated[
         200: {
             "description": "The bundles, by channel, newest version first: all of them, or one "
             "page when `limit` or `cursor` is given.",
-            "headers": _PAGE_HEADERS,
+            "headers": paging.page_headers("more bundles"),
         },
     },
     summary="List all bundles for a project",
@@ -172,25 +160,18 @@ def list_bundles(
     if limit is None and cursor is None:
         bundles = service.list_bundles(context.db, project_id=project_id)
         return [BundleOut.of(bundle) for bundle in bundles]
-    size = _page_size(limit)
+    size = paging.parse_limit(
+        limit, default=service.DEFAULT_PAGE_SIZE, maximum=service.MAX_PAGE_SIZE
+    )
     page = service.list_bundle_page(context.db, project_id=project_id, limit=size, cursor=cursor)
-    if page.next_cursor is not None:
-        query = urlencode({"limit": size, "cursor": page.next_cursor})
-        next_url = f"{context.settings.public_url}{request.url.path}?{query}"
-        response.headers["X-Next-Cursor"] = page.next_cursor
-        response.headers["Link"] = f'<{next_url}>; rel="next"'
+    paging.link_next_page(
+        request,
+        response,
+        public_url=context.settings.public_url,
+        limit=size,
+        cursor=page.next_cursor,
+    )
     return [BundleOut.of(bundle) for bundle in page.bundles]
-
-
-def _page_size(raw: str | None) -> int:
-    """The `limit` query parameter: plain decimal digits; the service checks the range."""
-    if raw is None:
-        return service.DEFAULT_PAGE_SIZE
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 7):
-        raise InvalidInput(
-            f"limit must be a whole number from 1 to {service.MAX_PAGE_SIZE}", code="invalid_limit"
-        )
-    return int(raw)
 
 
 @router.post(

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
-import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -18,7 +15,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeout
 from sqlalchemy.orm import Session
 
-from koolbase_ota import audit, changes
+from koolbase_ota import audit, changes, paging
 from koolbase_ota.bundles import targeting
 from koolbase_ota.bundles.models import Bundle, PendingObject
 from koolbase_ota.bundles.multipart import MAX_RELEASE_NOTES, StagedUpload
@@ -278,7 +275,6 @@ def list_bundles(db: Database, *, project_id: uuid.UUID) -> list[Bundle]:
 #: The largest page a client may ask for, and the page size when only a cursor is given.
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
-_MAX_CURSOR_CHARS = 200  # a real cursor is far shorter; longer input is not ours
 _MAX_VERSION = 2**31 - 1  # the column is a 32-bit integer
 
 
@@ -292,29 +288,19 @@ class BundlePage:
 
 def encode_cursor(*, channel: str, version: int) -> str:
     """The opaque position just after (channel, version) in the list's order."""
-    raw = json.dumps([channel, version], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+    return paging.encode_cursor([channel, version])
 
 
 def decode_cursor(cursor: str) -> tuple[str, int]:
     """The (channel, version) a cursor points after; anything not in our exact form is refused."""
-    invalid = InvalidInput("the cursor is malformed; ask again without it", code="invalid_cursor")
-    if len(cursor) > _MAX_CURSOR_CHARS or not cursor.isascii():
-        raise invalid
-    try:
-        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
-        channel, version = json.loads(raw)
-    except (binascii.Error, ValueError, TypeError) as exc:
-        raise invalid from exc
+    channel, version = paging.decode_cursor(cursor, 2)
     if (
         not isinstance(channel, str)
         or not 0 < len(channel) <= 50
         or type(version) is not int
         or not 0 <= version <= _MAX_VERSION
-        # Only the exact text we hand out: other paddings, alphabets or spacings are not ours.
-        or encode_cursor(channel=channel, version=version) != cursor
     ):
-        raise invalid
+        raise paging.invalid_cursor()
     return channel, version
 
 
