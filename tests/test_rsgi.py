@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import zipfile
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import httpx
 import pytest
 
 from tests.test_e2e import Server, auth, serving
+from tests.test_hostile_requests import raw_request
 
 SECURITY_HEADERS = ("x-content-type-options", "x-frame-options", "content-security-policy")
 
@@ -342,3 +344,22 @@ def test_a_repeated_x_api_key_is_read_as_the_last_on_every_interface(
     assert last.status_code == 200, last.text
     assert first.status_code == 401, first.text
     assert first.json()["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("path", ["/v1/sdk/ota/check", "/v1/code-push/check"])
+def test_a_key_that_is_not_utf8_is_invalid_on_every_interface(
+    published: Published, path: str
+) -> None:
+    """granian leaves a header value that is not UTF-8 out of `get_all` but keeps its name:
+    RSGI answered `missing_api_key` where the other interfaces answer `invalid_api_key`."""
+    target = path + "?channel=production&version=0&current_bundle=0"
+    key = published.server.credentials()["public_keys"]["production"]
+    for sent in ("\xff\xfe", key[:-1] + "\xe9", key + "\xe9"):
+        answer = raw_request(published.server.base_url, "GET", target, [("x-api-key", sent)])
+        assert answer.status == 401, answer.body
+        assert json.loads(answer.body)["code"] == "invalid_api_key"
+    empty = raw_request(published.server.base_url, "GET", target, [("x-api-key", "")])
+    assert json.loads(empty.body)["code"] == "missing_api_key"
+    # The same requests with the key as sent by the SDK are answered.
+    good = raw_request(published.server.base_url, "GET", target, [("x-api-key", key)])
+    assert good.status == 200, good.body

@@ -40,6 +40,9 @@ from koolbase_ota.security import RATE_LIMITED_RESPONSE
 CHECK_PATH = CHECK_ROUTE
 DEFAULT_CHANNEL = "production"
 _MAX_VERSION_DIGITS = 18
+#: An `x-api-key` that granian could not give as text: no key is this, so it is refused as
+#: invalid (and kept as unknown, like any other key that matches none).
+UNREADABLE_KEY = "\ufffd"
 
 
 def _error(message: str, code: str) -> bytes:
@@ -495,7 +498,14 @@ class CheckEndpoint:
         started = time.perf_counter()
         # The last, as on every other interface (granian's `get` gives the first).
         api_keys = scope.headers.get_all("x-api-key")
-        api_key = api_keys[-1] if api_keys else None
+        if api_keys:
+            api_key: str | None = api_keys[-1]
+        elif "x-api-key" in scope.headers:
+            # granian leaves out values that are not UTF-8, but not their name: a key was
+            # sent, and no key matches it (`invalid_api_key`, as on the other interfaces).
+            api_key = UNREADABLE_KEY
+        else:
+            api_key = None
         limits = self.limits
         status, body, hit, error, retry_after = await self.outcome(
             api_key,
