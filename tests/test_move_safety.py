@@ -89,6 +89,9 @@ class UploadDuringCopy:
             upload, self.upload = self.upload, None
             await asyncio.to_thread(upload)
 
+    async def checksum(self, key: str) -> str:
+        return await self.store.checksum(key)
+
 
 def test_a_change_to_the_source_during_the_move_writes_no_row(
     tmp_path: Path, target: Target

@@ -641,7 +641,7 @@ def cmd_move(args: argparse.Namespace) -> None:
     print(f"copied {report.objects_copied} bundle files", end="")
     if report.objects_already_there:
         print(f" ({report.objects_already_there} were already there)", end="")
-    print(f"; rows: {copied}")
+    print(f"; read back {report.objects_verified}, each matching its checksum; rows: {copied}")
     print(
         "done: point KOOLBASE_OTA_DATABASE_URL and KOOLBASE_OTA_STORAGE_URL at the new"
         " backends and restart the servers; keys, tokens and versions are unchanged"

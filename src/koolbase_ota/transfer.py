@@ -6,10 +6,8 @@ field and scripts holding tokens notice nothing once the servers point at the ne
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
@@ -23,7 +21,7 @@ from koolbase_ota.changes import ChangeEvent
 from koolbase_ota.db import Base, Database
 from koolbase_ota.errors import InvalidInput
 from koolbase_ota.projects.models import Project
-from koolbase_ota.storage import BundleStore, ObjectExists
+from koolbase_ota.storage import BundleStore, ObjectExists, ObjectNotFound
 from koolbase_ota.storage.local import LocalStore
 
 logger = logging.getLogger(__name__)
@@ -35,18 +33,12 @@ class MoveReport:
     rows: dict[str, int] = field(default_factory=dict)
     objects_copied: int = 0
     objects_already_there: int = 0
+    #: Objects read back from the target store and found to match their bundle's checksum.
+    objects_verified: int = 0
 
 
 class MoveError(InvalidInput):
     default_code = "move_refused"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1024 * 1024):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
 
 
 Rows = dict[str, list[dict[str, Any]]]
@@ -84,7 +76,8 @@ async def move_install(
 
     Files and rows come from one snapshot of the source, and the source is read again before
     the rows are committed: a change made meanwhile (a server still running on it) would
-    otherwise be lost, or leave a row whose file was never copied.
+    otherwise be lost, or leave a row whose file was never copied. Every file is read back
+    from the target store and checked against its checksum before any row is written.
     """
     if not isinstance(source_store, LocalStore):
         raise MoveError("the source must be the embedded default's local bundle directory")
@@ -107,26 +100,32 @@ async def move_install(
     for bundle in sorted(snapshot[Bundle.__tablename__], key=lambda row: row["storage_path"]):
         storage_path = bundle["storage_path"]
         what = f"bundle {bundle['id']} ({bundle['channel']} v{bundle['version']})"
-        path = source_store.path_for(storage_path)
-        if not path.is_file():
+        try:
+            checksum = await source_store.checksum(storage_path)
+        except ObjectNotFound:
             raise MoveError(
                 f"{what}: its file {storage_path} is missing from the source; restore the file"
                 " or delete the bundle, then run move again"
-            )
-        checksum = await anyio.to_thread.run_sync(_sha256, path)
+            ) from None
         if checksum != bundle["checksum"]:
             raise MoveError(
                 f"{what}: its file {storage_path} does not match its checksum; restore the"
                 " file or delete the bundle, then run move again"
             )
         try:
-            await target_store.put_file(storage_path, path)
+            await target_store.put_file(storage_path, source_store.path_for(storage_path))
+            report.objects_copied += 1
+            found = "copied to"
         except ObjectExists:
-            # A move that was interrupted and run again: the object was written create-only
-            # by the earlier run from the same verified file.
+            # Most likely a move that was interrupted and run again; but another install
+            # sharing the bucket prefix, or something else writing there, leaves an object
+            # too, and devices would download whatever it holds: none is trusted unread.
             report.objects_already_there += 1
-            continue
-        report.objects_copied += 1
+            found = "already at"
+        await _check_stored(
+            target_store, storage_path, bundle["checksum"], f"{what}: the object {found}"
+        )
+        report.objects_verified += 1
 
     # 2. Rows, parents before children, in one transaction: all of them or none.
     def copy_rows() -> None:
@@ -144,3 +143,22 @@ async def move_install(
 
     await anyio.to_thread.run_sync(copy_rows)
     return report
+
+
+async def _check_stored(store: BundleStore, key: str, checksum: str, what: str) -> None:
+    """Read the object at `key` back from the target store; refuse it unless it matches."""
+    try:
+        stored = await store.checksum(key)
+    except ObjectNotFound:
+        # Gone right after being written or found: something else manages that prefix.
+        raise MoveError(
+            f"{what} {key} is no longer in the target store, so no row was written; make sure"
+            " no other install uses that --storage-url, then run move again"
+        ) from None
+    if stored != checksum:
+        raise MoveError(
+            f"{what} {key} in the target store does not match the bundle's checksum, so no"
+            " row was written; if no other install uses that --storage-url, remove the object"
+            " at that key from the target store, otherwise point --storage-url at an empty"
+            " prefix, then run move again"
+        )

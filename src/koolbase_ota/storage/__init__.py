@@ -59,6 +59,10 @@ class BundleStore(Protocol):
     async def exists(self, key: str) -> bool:
         """Whether an object is stored under `key`."""
 
+    async def checksum(self, key: str) -> str:
+        """The SHA-256 of the stored bytes, in a bundle's checksum form (`sha256:<hex>`), read
+        back in chunks, never whole in memory (ObjectNotFound when nothing is there)."""
+
     async def list_keys(self, prefix: str) -> list[StoredObject]:
         """Every object whose key starts with `prefix`."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
@@ -15,6 +16,9 @@ import anyio.to_thread
 from koolbase_ota.errors import StorageUnavailable
 from koolbase_ota.storage import ObjectExists, ObjectNotFound, StoredObject
 from koolbase_ota.storage.signing import signed_path
+
+#: How much of a file is read into Python at a time.
+READ_BYTES = 1024 * 1024
 
 
 class LocalStore:
@@ -95,6 +99,21 @@ class LocalStore:
 
     async def exists(self, key: str) -> bool:
         return self.path_for(key).is_file()
+
+    async def checksum(self, key: str) -> str:
+        return await anyio.to_thread.run_sync(self._checksum, key)
+
+    def _checksum(self, key: str) -> str:
+        digest = hashlib.sha256()
+        try:
+            with open(self.path_for(key), "rb") as handle:
+                while chunk := handle.read(READ_BYTES):
+                    digest.update(chunk)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(f"no object at {key}") from None
+        except OSError as exc:
+            raise StorageUnavailable(f"could not read the bundle: {exc.strerror}") from exc
+        return "sha256:" + digest.hexdigest()
 
     async def list_keys(self, prefix: str) -> list[StoredObject]:
         """Every file under `prefix`, a copy's `.incoming-` temporary too: one a crash left

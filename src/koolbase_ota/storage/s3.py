@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import logging
 import weakref
 from collections.abc import AsyncIterator
@@ -173,6 +174,31 @@ class S3BundleStore:
         except (BaseError, OSError) as exc:
             raise _unavailable("look up the bundle", exc) from exc
         return True
+
+    async def checksum(self, key: str) -> str:
+        """Hash the object as it streams in, one part-sized ranged GET after another.
+
+        The store's timeout bounds a whole request, body included, so one GET of a large
+        object fails on a slow link where the upload, sent in parts, did not; each GET here
+        moves no more than an upload part does. Its body reaches Python in chunks of a little
+        over `READ_BYTES` (the stream's default is 10 MB).
+        """
+        digest = hashlib.sha256()
+        try:
+            size = (await obstore.head_async(self._store, key))["size"]
+            for start in range(0, size, CHUNK_BYTES):
+                part = await obstore.get_async(
+                    self._store,
+                    key,
+                    options={"range": (start, min(start + CHUNK_BYTES, size))},
+                )
+                async for chunk in part.stream(min_chunk_size=READ_BYTES):
+                    digest.update(chunk)
+        except FileNotFoundError:  # obstore's "not found", for keys and buckets alike
+            raise ObjectNotFound(f"no object at {key}") from None
+        except (BaseError, OSError) as exc:
+            raise _unavailable("read the bundle back", exc) from exc
+        return "sha256:" + digest.hexdigest()
 
     async def list_keys(self, prefix: str) -> list[StoredObject]:
         found: list[StoredObject] = []
