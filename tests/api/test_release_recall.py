@@ -176,3 +176,35 @@ def test_a_recalled_mandatory_release_forces_nothing(
     assert seed_check(client, project, version=1)["mandatory"] is False
     push = code_push(client, project, current_bundle=1)
     assert (push["bundle"]["version"], push["bundle"]["mandatory"]) == (fixed["version"], False)
+
+
+def test_a_channel_whose_head_was_deleted_still_sends_recalled_devices_back(
+    client: httpx.Client, project: Project
+) -> None:
+    """Deleting the head leaves the channel offering nothing; a device on a recalled version
+    was told to drop to the built-in assets, although an older release is still there."""
+    first = release(client, project, release_notes="good")
+    second = release(client, project, platform="android")
+    third = release(client, project)
+    fourth = release(client, project, release_notes="bad")
+    recalled(client, project, fourth["id"])  # the third is the head now
+    deleted = client.delete(project.path(f"/bundles/{third['id']}"), headers=project.auth)
+    assert deleted.status_code == 204, deleted.text
+    assert not any(bundle["active"] for bundle in listing(client, project).values())
+
+    for platform, back_to in (("ios", first), ("android", second)):
+        push = code_push(client, project, current_bundle=fourth["version"], platform=platform)
+        assert push == {"status": "rollback", "revert_to": back_to["version"]}
+        seed = seed_check(client, project, version=fourth["version"], platform=platform)
+        assert (seed["version"], seed["rollback"]) == (back_to["version"], True)
+        assert httpx.get(seed["download_url"], timeout=30).status_code == 200
+    # Every other device is offered nothing: the channel has no head.
+    for version in (0, first["version"], second["version"], third["version"]):
+        assert offered(client, project, current_bundle=version) == 0
+        assert seed_check(client, project, version=version) == {"has_update": False}
+    # With no older release left either, it is the built-in assets, as before.
+    for bundle in (first, second):
+        response = client.delete(project.path(f"/bundles/{bundle['id']}"), headers=project.auth)
+        assert response.status_code == 204, response.text
+    push = code_push(client, project, current_bundle=fourth["version"])
+    assert push == {"status": "rollback", "revert_to": 0}

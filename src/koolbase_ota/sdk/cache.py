@@ -184,6 +184,9 @@ class ChannelState:
 
     releases: tuple[Release, ...] = ()
     recalled: frozenset[int] = frozenset()
+    #: A channel without a head offers nothing, but still sends the devices on a recalled
+    #: version back to the newest matching release older than it: these, newest first.
+    fallback: tuple[Release, ...] = ()
 
     @property
     def offer(self) -> Release | None:
@@ -198,7 +201,7 @@ class ChannelState:
         hash per check. (A state is never changed in place: a change loads a new one.)"""
         rollouts = tuple(
             (str(release.id), release.rollout_percentage)
-            for release in self.releases
+            for release in (*self.releases, *self.fallback)
             if release.rollout_percentage < 100
         )
         return rollouts if len(rollouts) <= MAX_SHARED_ROLLOUTS else None
@@ -217,6 +220,12 @@ class ChannelState:
             return found, False
         if current_version in self.recalled:
             # The newest matching release is older than the device's recalled version.
+            if found is None:
+                for release in self.fallback:
+                    if release.version < current_version and (
+                        release.everyone or release.matches(device)
+                    ):
+                        return release, True
             return found, True
         return None, False
 
@@ -404,14 +413,24 @@ class CheckCache:
                 )
             )
             head_version = session.scalar(select(Bundle.version).where(*of_channel, Bundle.active))
+            released = (*of_channel, Bundle.released_at.is_not(None), Bundle.recalled_at.is_(None))
             if head_version is None:
-                return ChannelState(recalled=recalled)
-            serving = (
-                *of_channel,
-                Bundle.released_at.is_not(None),
-                Bundle.recalled_at.is_(None),
-                Bundle.version <= head_version,
-            )
+                if not recalled:
+                    return ChannelState()
+                # The head was deleted: nothing is offered, but a recalled version's devices
+                # still go back to an older release, as they would with a head.
+                fallback = [
+                    self._release(row)
+                    for row in session.scalars(
+                        select(Bundle)
+                        .where(*released, Bundle.version < max(recalled))
+                        .order_by(Bundle.version.desc())
+                        .limit(MAX_HISTORY)
+                    )
+                ]
+                set_floors(fallback)
+                return ChannelState(recalled=recalled, fallback=tuple(fallback))
+            serving = (*released, Bundle.version <= head_version)
             rows = list(
                 session.scalars(
                     select(Bundle)
