@@ -223,6 +223,30 @@ def test_limits_set_to_zero_are_off() -> None:
     assert limits.auth_begin("198.51.100.1") is None
 
 
+@pytest.mark.parametrize("rate", [1e-320, 5e-324, 1e-7])
+def test_a_rate_too_small_to_have_an_interval_is_refused_not_turned_off(rate: float) -> None:
+    """1 / 1e-320 is infinite: every request came in under an infinite tolerance (or a NaN
+    one, for a burst of 1), so the smallest rates let everything through."""
+    with pytest.raises(ValidationError, match="at least 1e-06"):
+        Settings(check_rate_per_address=rate)
+    with pytest.raises(ValidationError, match="at least 1e-06"):
+        Settings(check_rate_per_key=rate)
+    for burst in (1, 2):
+        with pytest.raises(ValueError, match="finite interval"):
+            TokenBucket(rate=rate if rate < 1e-308 else 1e-320, burst=burst, max_entries=2)
+
+
+def test_the_smallest_rate_allowed_limits() -> None:
+    clock = FakeClock()
+    settings = Settings(check_rate_per_address=1e-6, check_burst_per_address=2)
+    slowest = RateLimits(settings, clock=clock)
+    assert slowest.check("pk_live_x", "198.51.100.1") is None
+    assert slowest.check("pk_live_x", "198.51.100.1") is None
+    assert slowest.check("pk_live_x", "198.51.100.1") == 1_000_000
+    with pytest.raises(ValidationError, match="less than or equal to 1000000000"):
+        Settings(check_burst_per_key=10**9 + 1)
+
+
 def test_defaults_limit_the_address_and_auth_failures_but_not_the_key() -> None:
     defaults = Settings()
     assert defaults.check_rate_per_address > 0

@@ -51,6 +51,12 @@ class _Environment(EnvSettingsSource):
         }
 
 
+#: The smallest rate limit: one request in about 11.6 days (0 turns a limit off).
+MIN_RATE = 1e-6
+#: The largest burst of a rate limit.
+MAX_BURST = 1_000_000_000
+
+
 class Settings(BaseSettings):
     """Every option of the server; each is also the environment variable `KOOLBASE_OTA_<NAME>`."""
 
@@ -97,9 +103,9 @@ class Settings(BaseSettings):
     # Per key is off: every device of an app shares its key, so a limit that bites an attacker
     # holding the (public) key bites the whole fleet just the same.
     check_rate_per_key: float = Field(default=0.0, ge=0)
-    check_burst_per_key: int = Field(default=0, ge=0)  # 0: one second's worth of the rate
+    check_burst_per_key: int = Field(default=0, ge=0, le=MAX_BURST)  # 0: a second's worth
     check_rate_per_address: float = Field(default=20.0, ge=0)
-    check_burst_per_address: int = Field(default=100, ge=0)
+    check_burst_per_address: int = Field(default=100, ge=0, le=MAX_BURST)
     auth_failure_limit: int = Field(default=10, ge=0)
     auth_failure_window_seconds: float = Field(default=60.0, gt=0, le=24 * 3600)
     # Most addresses or keys each limit remembers; the least recently seen go first.
@@ -139,6 +145,15 @@ class Settings(BaseSettings):
     def _set_but_empty(cls, value: Any) -> Any:
         if value is _SET_BUT_EMPTY:
             raise ValueError("is set but empty; unset it for the default, or give a value")
+        return value
+
+    @field_validator("check_rate_per_key", "check_rate_per_address")
+    @classmethod
+    def _rate(cls, value: float) -> float:
+        # A rate so small that its interval is no number (1e-320 a second) turned the limit
+        # off instead of nearly closing it.
+        if 0 < value < MIN_RATE:
+            raise ValueError(f"must be 0 (off) or at least {MIN_RATE:g} a second")
         return value
 
     @field_validator("public_url")

@@ -73,6 +73,9 @@ class TokenBucket:
         #: (Compared as `full_at - now`, which is exactly 0 for a new key: no rounding can
         #: refuse the first request.)
         self.tolerance = (burst - 1) * self.interval
+        if not math.isfinite(self.tolerance):
+            # An infinite interval (or NaN, 0 times it) lets every request through.
+            raise ValueError("rate too small, or burst too large, for a finite interval")
         self.generation_size = max_entries // 2
         self.clock = clock
         self.recent: dict[str, float] = {}
