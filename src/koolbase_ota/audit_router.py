@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from koolbase_ota import audit, paging
 from koolbase_ota.bundles.schemas import ErrorOut
 from koolbase_ota.clock import rfc3339
-from koolbase_ota.deps import ContextDep, ProjectDep
+from koolbase_ota.deps import ContextDep, ProjectDep, link_next_page, page_headers
 
 router = APIRouter(prefix="/v1/projects/{project_id}", tags=["audit"])
 
@@ -60,7 +60,7 @@ _LimitText = Annotated[
         **{status: {"model": ErrorOut} for status in (400, 401, 404)},
         200: {
             "description": "The newest `limit` events older than `cursor`, newest first.",
-            "headers": paging.page_headers("older events"),
+            "headers": page_headers("older events"),
         },
     },
     summary="The project's audit trail: who changed what, newest first",
@@ -94,7 +94,7 @@ async def list_audit_events(
     page = await run_in_threadpool(
         audit.list_event_page, context.db, project_id=project_id, limit=size, cursor=cursor
     )
-    paging.link_next_page(
+    link_next_page(
         request,
         response,
         public_url=context.settings.public_url,

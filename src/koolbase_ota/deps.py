@@ -1,4 +1,4 @@
-"""What routes share: the app's context and the dashboard-token dependencies."""
+"""What routes share: the app's context, the dashboard-token dependencies and a page's headers."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
@@ -151,3 +152,32 @@ def parse_id(raw: str, *, what: str) -> uuid.UUID:
         return uuid.UUID(raw)
     except ValueError:
         raise NotFound(f"{what} not found", code=f"{what}_not_found") from None
+
+
+# Pages (`koolbase_ota.paging`)
+
+
+def page_headers(what: str) -> dict[str, Any]:
+    """The OpenAPI description of a page's headers; `what` names what follows."""
+    return {
+        "X-Next-Cursor": {
+            "description": f"Sent on a paginated answer when {what} follow: the `cursor` of "
+            "the next page. The last page has none.",
+            "schema": {"type": "string"},
+        },
+        "Link": {
+            "description": 'With `X-Next-Cursor`: `<URL of the next page>; rel="next"`.',
+            "schema": {"type": "string"},
+        },
+    }
+
+
+def link_next_page(
+    request: Request, response: Response, *, public_url: str, limit: int, cursor: str | None
+) -> None:
+    """Point the answer at its next page, when there is one."""
+    if cursor is None:
+        return
+    query = urlencode({"limit": limit, "cursor": cursor})
+    response.headers["X-Next-Cursor"] = cursor
+    response.headers["Link"] = f'<{public_url}{request.url.path}?{query}>; rel="next"'

@@ -1,5 +1,6 @@
-"""Keyset pagination, as the bundle list and the audit trail answer it: an opaque cursor, the
-`limit` query parameter, and the `X-Next-Cursor` and `Link` headers of a page."""
+"""Keyset pagination, as the bundle list and the audit trail answer it: an opaque cursor and
+the `limit` query parameter. (A page's `X-Next-Cursor` and `Link` headers are the routes' part:
+`koolbase_ota.deps`. Services use this module, and never import the web framework.)"""
 
 from __future__ import annotations
 
@@ -7,9 +8,6 @@ import base64
 import binascii
 import json
 from typing import Any
-from urllib.parse import urlencode
-
-from fastapi import Request, Response
 
 from koolbase_ota.errors import InvalidInput
 
@@ -56,29 +54,3 @@ def parse_limit(raw: str | None, *, default: int, maximum: int) -> int:
             f"limit must be a whole number from 1 to {maximum}", code="invalid_limit"
         )
     return int(raw)
-
-
-def page_headers(what: str) -> dict[str, Any]:
-    """The OpenAPI description of a page's headers; `what` names what follows."""
-    return {
-        "X-Next-Cursor": {
-            "description": f"Sent on a paginated answer when {what} follow: the `cursor` of "
-            "the next page. The last page has none.",
-            "schema": {"type": "string"},
-        },
-        "Link": {
-            "description": 'With `X-Next-Cursor`: `<URL of the next page>; rel="next"`.',
-            "schema": {"type": "string"},
-        },
-    }
-
-
-def link_next_page(
-    request: Request, response: Response, *, public_url: str, limit: int, cursor: str | None
-) -> None:
-    """Point the answer at its next page, when there is one."""
-    if cursor is None:
-        return
-    query = urlencode({"limit": limit, "cursor": cursor})
-    response.headers["X-Next-Cursor"] = cursor
-    response.headers["Link"] = f'<{public_url}{request.url.path}?{query}>; rel="next"'

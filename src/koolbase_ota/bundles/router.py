@@ -13,7 +13,15 @@ from koolbase_ota.bundles import service
 from koolbase_ota.bundles.multipart import check_declared_length, read_upload_form
 from koolbase_ota.bundles.schemas import ActivateIn, BundleOut, BundlePatchIn, ErrorOut
 from koolbase_ota.bundles.targeting import parse_rollout_percentage
-from koolbase_ota.deps import ContextDep, DashboardDep, ProjectDep, json_object, parse_id
+from koolbase_ota.deps import (
+    ContextDep,
+    DashboardDep,
+    ProjectDep,
+    json_object,
+    link_next_page,
+    page_headers,
+    parse_id,
+)
 from koolbase_ota.errors import InvalidInput
 from koolbase_ota.metrics import UPLOAD_BYTES, UPLOADS
 
@@ -132,7 +140,7 @@ _LimitText = Annotated[
         200: {
             "description": "The bundles, by channel, newest version first: all of them, or one "
             "page when `limit` or `cursor` is given.",
-            "headers": paging.page_headers("more bundles"),
+            "headers": page_headers("more bundles"),
         },
     },
     summary="List all bundles for a project",
@@ -164,7 +172,7 @@ def list_bundles(
         limit, default=service.DEFAULT_PAGE_SIZE, maximum=service.MAX_PAGE_SIZE
     )
     page = service.list_bundle_page(context.db, project_id=project_id, limit=size, cursor=cursor)
-    paging.link_next_page(
+    link_next_page(
         request,
         response,
         public_url=context.settings.public_url,
