@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
 
 from koolbase_ota import audit, changes
 from koolbase_ota.bundles import service, targeting
@@ -104,6 +105,7 @@ def checked(promotion: Promotion) -> Promotion:
 @dataclass(frozen=True)
 class _Source:
     id: uuid.UUID
+    project_id: uuid.UUID
     channel: str
     version: int
     storage_path: str
@@ -123,12 +125,10 @@ def _promotable(db: Database, *, project_id: uuid.UUID, bundle_id: uuid.UUID) ->
     if bundle is None:
         raise NotFound("bundle not found", code="bundle_not_found")
     if bundle.recalled_at is not None:
-        raise Conflict(
-            "the bundle is recalled: it is never served again, so it is not promoted either",
-            code="bundle_recalled",
-        )
+        raise _recalled()
     return _Source(
         id=bundle.id,
+        project_id=bundle.project_id,
         channel=bundle.channel,
         version=bundle.version,
         storage_path=bundle.storage_path,
@@ -138,6 +138,56 @@ def _promotable(db: Database, *, project_id: uuid.UUID, bundle_id: uuid.UUID) ->
         platform=bundle.platform,
         min_app_version=bundle.min_app_version,
         max_app_version=bundle.max_app_version,
+    )
+
+
+def _copy_of(
+    session: Session,
+    source: _Source,
+    promotion: Promotion,
+    *,
+    channel: str,
+    version: int,
+    path: str,
+) -> Bundle:
+    """The copy's row, from the source as it is now (its channel locked by the caller): a
+    recall since it was first read refuses the promote, and targeting or release notes changed
+    since are the copy's. A source deleted since is copied as it was read: its file is copied
+    already."""
+    current = session.scalar(select(Bundle).where(Bundle.id == source.id))
+    if current is not None and current.recalled_at is not None:
+        raise _recalled()
+    targeted: Bundle | _Source = current if current is not None else source
+    now = utcnow()
+    return Bundle(
+        id=uuid.uuid4(),
+        project_id=source.project_id,
+        channel=channel,
+        version=version,
+        checksum=source.checksum,
+        storage_path=path,
+        file_size=source.file_size,
+        mandatory=promotion.mandatory,
+        active=False,
+        release_notes=(
+            targeted.release_notes
+            if isinstance(promotion.release_notes, _Keep)
+            else promotion.release_notes
+        ),
+        created_at=now,
+        updated_at=now,
+        platform=targeted.platform,
+        min_app_version=targeted.min_app_version,
+        max_app_version=targeted.max_app_version,
+        rollout_percentage=promotion.rollout_percentage or 100,
+        promoted_from=source.id,
+    )
+
+
+def _recalled() -> Conflict:
+    return Conflict(
+        "the bundle is recalled: it is never served again, so it is not promoted either",
+        code="bundle_recalled",
     )
 
 
@@ -189,33 +239,16 @@ async def promote_bundle(
 
     def record() -> Bundle:
         nonlocal committing
-        now = utcnow()
-        notes = (
-            source.release_notes
-            if isinstance(promotion.release_notes, _Keep)
-            else promotion.release_notes
-        )
-        bundle = Bundle(
-            id=uuid.uuid4(),
-            project_id=project_id,
-            channel=channel,
-            version=version,
-            checksum=source.checksum,
-            storage_path=path,
-            file_size=source.file_size,
-            mandatory=promotion.mandatory,
-            active=False,
-            release_notes=notes,
-            created_at=now,
-            updated_at=now,
-            platform=source.platform,
-            min_app_version=source.min_app_version,
-            max_app_version=source.max_app_version,
-            rollout_percentage=promotion.rollout_percentage or 100,
-            promoted_from=source.id,
-        )
         with db.write() as session:
-            service.lock_channel(session, project_id=project_id, name=channel)
+            # The source's channel too (both in name order, so that two promotes the other way
+            # round cannot deadlock): a recall or PATCH of the source queues on it, and one
+            # that committed since the source was first read must be seen, or the copy would
+            # serve a recalled bundle's bytes again.
+            for name in sorted({channel, source.channel}):
+                service.lock_channel(session, project_id=project_id, name=name)
+            bundle = _copy_of(
+                session, source, promotion, channel=channel, version=version, path=path
+            )
             session.add(bundle)
             session.execute(delete(PendingObject).where(PendingObject.storage_path == path))
             changes.record(session, project_id=project_id, kind=changes.BUNDLES, channel=channel)
