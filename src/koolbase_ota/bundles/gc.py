@@ -79,18 +79,40 @@ async def collect_garbage(
         report.removed.append(path)
 
     def forget(paths: list[str]) -> None:
+        # In batches: one statement names each path, and PostgreSQL takes at most 65,535
+        # parameters a statement (a backlog past that failed every run, keeping its records).
         with db.write() as session:
-            session.execute(delete(PendingObject).where(PendingObject.storage_path.in_(paths)))
+            for start in range(0, len(paths), _BATCH):
+                batch = paths[start : start + _BATCH]
+                session.execute(delete(PendingObject).where(PendingObject.storage_path.in_(batch)))
 
     done = list(report.removed) + sorted(
         record.storage_path for record in pending if record.storage_path in referenced
     )
     if done:
         await anyio.to_thread.run_sync(forget, done)
-    for path in sorted(referenced):
-        if not await store.exists(path):
-            report.missing.append(path)
+    gone = [path for path in sorted(referenced) if not await store.exists(path)]
+    if gone:
+        # A delete removes its row before its file: a bundle deleted since the rows were read
+        # has neither now, and is not missing anything.
+        report.missing = await anyio.to_thread.run_sync(_still_referenced, db, gone)
     return report
+
+
+#: Paths named in one statement.
+_BATCH = 1000
+
+
+def _still_referenced(db: Database, paths: list[str]) -> list[str]:
+    """Those of `paths` that a bundle row still refers to, in order."""
+    found: set[str] = set()
+    with db.read() as session:
+        for start in range(0, len(paths), _BATCH):
+            batch = paths[start : start + _BATCH]
+            found.update(
+                session.scalars(select(Bundle.storage_path).where(Bundle.storage_path.in_(batch)))
+            )
+    return [path for path in paths if path in found]
 
 
 def _remove_stale_uploads(tmp_dir: Path, cutoff: dt.datetime) -> list[str]:

@@ -8,6 +8,7 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -124,13 +125,21 @@ class LocalStore:
 
     def _list_keys(self, prefix: str) -> list[StoredObject]:
         found = []
-        for path in self.root.rglob("*"):
-            if not path.is_file():
-                continue
-            key = path.relative_to(self.root).as_posix()
-            if key.startswith(prefix):
-                modified = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
-                found.append(StoredObject(key=key, modified_at=modified))
+        # os.walk passes over a directory removed while it walks; each file is looked at once,
+        # and one deleted meanwhile (a bundle deleted while `gc` lists) is not there to list.
+        for directory, _, names in os.walk(self.root):
+            for name in names:
+                path = Path(directory, name)
+                key = path.relative_to(self.root).as_posix()
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    status = path.stat()
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(status.st_mode):
+                    modified = dt.datetime.fromtimestamp(status.st_mtime, dt.UTC)
+                    found.append(StoredObject(key=key, modified_at=modified))
         return found
 
     def download_url(self, key: str, *, ttl_seconds: int) -> str:

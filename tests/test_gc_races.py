@@ -1,0 +1,142 @@
+"""`koolbase-ota gc` while the servers keep working.
+
+gc runs beside live servers (the README has it in cron). A bundle deleted through the API while
+gc runs must neither be reported as a row whose file is missing (no such row exists any more,
+and the report exits non-zero, "something needs a look"), nor stop gc with an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import pathlib
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
+
+from koolbase_ota.bundles.gc import collect_garbage
+from koolbase_ota.bundles.models import PendingObject
+from koolbase_ota.db import Database, create_db_engine, upgrade_schema, utcnow
+from koolbase_ota.storage import open_store
+from koolbase_ota.storage.local import LocalStore
+from tests.conftest import RunningServer, new_project, uploaded
+from tests.services import PostgresService
+
+
+def test_a_bundle_deleted_while_gc_checks_the_rows_is_not_reported_missing(
+    isolated: RunningServer, isolated_client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = new_project(isolated.db)
+    first = uploaded(isolated_client, project)
+    second = uploaded(isolated_client, project)
+    store = open_store(isolated.settings)  # as `koolbase-ota gc` opens it
+    real_exists = store.exists
+    deleted: list[int] = []
+
+    async def delete_then_look(key: str) -> bool:
+        # gc has read the rows again and now looks for each row's file; meanwhile a dashboard
+        # user deletes the second bundle (row first, then its file), as any server may.
+        if not deleted:
+            response = isolated_client.delete(
+                project.path(f"/bundles/{second['id']}"), headers=project.auth
+            )
+            deleted.append(response.status_code)
+        return await real_exists(key)
+
+    monkeypatch.setattr(store, "exists", delete_then_look)
+    report = asyncio.run(collect_garbage(db=isolated.db, store=store, grace=dt.timedelta(hours=1)))
+
+    assert deleted == [204]
+    assert isolated.object_exists(first["storage_path"])
+    # No bundle row is without its file: the second bundle's row went before its file did.
+    assert report.missing == [], report
+    assert report.failed == []
+
+
+def test_a_file_deleted_while_gc_lists_local_disk_does_not_stop_gc(
+    isolated: RunningServer, isolated_client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`LocalStore.list_keys` asks `is_file()`, then `stat()`, of every file: a bundle deleted
+    between the two (a window of microseconds, so the delete is made to land there) raised
+    FileNotFoundError out of gc, which `koolbase-ota gc` shows as a traceback."""
+    if not isinstance(isolated.store, LocalStore):
+        pytest.skip("the listing of local disk")
+    project = new_project(isolated.db)
+    kept = uploaded(isolated_client, project)
+    doomed = uploaded(isolated_client, project)
+    store = open_store(isolated.settings)
+    assert isinstance(store, LocalStore)
+    doomed_file = store.path_for(doomed["storage_path"])
+    real_stat = pathlib.Path.stat
+    landed: list[Path] = []
+
+    def stat_then_delete(self: pathlib.Path, *args: Any, **kwargs: Any) -> os.stat_result:
+        result = real_stat(self, *args, **kwargs)
+        if self == doomed_file and not landed:
+            # The server's delete of this bundle lands right after gc's `is_file()`.
+            landed.append(self)
+            response = isolated_client.delete(
+                project.path(f"/bundles/{doomed['id']}"), headers=project.auth
+            )
+            assert response.status_code == 204, response.text
+        return result
+
+    monkeypatch.setattr(pathlib.Path, "stat", stat_then_delete)
+    try:
+        report = asyncio.run(
+            collect_garbage(db=isolated.db, store=store, grace=dt.timedelta(hours=1))
+        )
+    finally:
+        monkeypatch.undo()
+
+    assert landed == [doomed_file]
+    assert not doomed_file.exists()
+    assert report.missing == []
+    assert report.failed == []
+    assert isolated.stored_keys() == {kept["storage_path"]}
+
+
+def test_gc_clears_more_records_than_one_postgres_statement_can_name(
+    postgres: PostgresService, tmp_path: Path
+) -> None:
+    """gc forgets every record it settled with one `DELETE ... WHERE storage_path IN (...)`,
+    one bind parameter a path; PostgreSQL's protocol takes at most 65535. Past that, every run
+    removes the files and then fails ("the database is unavailable"), and the records stay, so
+    the next run fails the same way. Records pile up so when the store refuses deletes (a key
+    without delete rights): each bundle delete leaves one; or a restored database leaves as many
+    unknown files."""
+    engine = create_db_engine(postgres.create_database())
+    upgrade_schema(engine, lock_dir=tmp_path)
+    db = Database(engine)
+    try:
+        day_ago = utcnow() - dt.timedelta(days=1)
+        with db.write() as session:
+            session.add_all(
+                PendingObject(
+                    storage_path=f"ota/{uuid.UUID(int=1)}/production/v{version}.zip",
+                    reason="delete",
+                    created_at=day_ago,
+                )
+                for version in range(1, 70_001)
+            )
+        # The store these deletes were meant for (the files are gone already: deleting a
+        # missing file is no error), on local disk so the run takes seconds.
+        store = LocalStore(tmp_path / "bundles", public_url="http://127.0.0.1", secret_key="k" * 32)
+
+        try:
+            report = asyncio.run(collect_garbage(db=db, store=store))
+        except OperationalError as exc:  # the statement itself is 70,000 lines: not shown
+            pytest.fail(f"gc failed after removing the files: {exc.orig}")
+
+        assert len(report.removed) == 70_000
+        assert report.failed == []
+        with db.read() as session:
+            assert session.scalar(select(func.count()).select_from(PendingObject)) == 0
+    finally:
+        engine.dispose()
