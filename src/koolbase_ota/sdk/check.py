@@ -427,7 +427,7 @@ class CheckEndpoint:
             if isinstance(found, Miss):
                 return None
             answer = self._finish(found)
-            self._keep(memo_key, raw_query, found, device_id, cohort, answer, now)
+            self._keep(memo_key, raw_query, found, device_id, answer, now)
         limited = self._limited(api_key, address)
         if limited is not None:
             return limited
@@ -440,7 +440,6 @@ class CheckEndpoint:
         raw_query: bytes | str,
         found: Resolved | tuple[int, bytes, bool, str],
         device_id: str | None,
-        cohort: int | None,
         answer: Answer,
         now: float,
     ) -> None:
@@ -450,6 +449,7 @@ class CheckEndpoint:
         if len(raw_query) + len(api_key or "") > _MAX_REUSED_REQUEST:
             return
         rollouts: tuple[tuple[str, int], ...] | None = ()
+        cohort = 0
         if isinstance(found, Resolved) and found.device.device_id is None:
             # A request without a device id: cohort 0's answer, which devices may reuse.
             rollouts = found.state.rollouts
@@ -458,18 +458,21 @@ class CheckEndpoint:
             if rollouts is None:
                 # Too many rollouts to work out a cohort on every check: kept per device.
                 memo_key, rollouts = (api_key, raw_query), ()
-            elif cohort is None:
+            else:
+                # Worked out again, against the rollouts of the state that gave this answer:
+                # the device was looked up by the kept entry's, and a channel loaded again
+                # since (its map emptied at its bound) may have others under one generation.
                 cohort = targeting.rollout_cohort(device_id, rollouts)
         generation = self.cache.generation
         kept = self.answers.get(memo_key)
         if kept is not None and kept[0] == generation and now < kept[1] and kept[2] == rollouts:
             # Another cohort of a kept question: at most 2 ** MAX_SHARED_ROLLOUTS (16) of them.
-            kept[3][cohort or 0] = answer
+            kept[3][cohort] = answer
             return
         if len(self.answers) >= _MAX_REUSED:
             self.answers.clear()
         until = now + ANSWER_REUSE_SECONDS
-        self.answers[memo_key] = (generation, until, rollouts, {cohort or 0: answer})
+        self.answers[memo_key] = (generation, until, rollouts, {cohort: answer})
 
     async def __call__(self, scope: Scope, send: Send) -> None:
         started = time.perf_counter()
