@@ -11,7 +11,6 @@ import datetime as dt
 import json
 import sqlite3
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +18,21 @@ import pytest
 from sqlalchemy import Engine, event, insert
 
 from koolbase_ota import audit
-from koolbase_ota.db import Database, create_db_engine, upgrade_schema
-from tests.services import PostgresService
+from koolbase_ota.db import Database, upgrade_schema
+from tests.test_migrations_upgrade import engine
+
+__all__ = ["engine"]  # the fixture, shared with the migration tests
 
 EVENTS = 20_000
 LIMIT = 100
 BASE = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        engine = create_db_engine(f"sqlite:///{tmp_path / 'trail.db'}")
-    else:
-        postgres: PostgresService = request.getfixturevalue("postgres")
-        engine = create_db_engine(postgres.create_database())
+@pytest.fixture
+def migrated(engine: Engine, tmp_path: Path) -> Engine:
+    """An empty database of each kind (the migration tests' `engine`), at the newest schema."""
     upgrade_schema(engine, lock_dir=tmp_path)
-    yield engine
-    engine.dispose()
+    return engine
 
 
 def _rows_read(engine: Engine, statement: str, parameters: Any) -> int:
@@ -96,7 +92,8 @@ def _page_cost(engine: Engine, project_id: uuid.UUID, cursor: str | None) -> int
     return _rows_read(engine, statement, parameters)
 
 
-def test_a_page_deep_in_a_long_trail_costs_what_the_first_page_costs(engine: Engine) -> None:
+def test_a_page_deep_in_a_long_trail_costs_what_the_first_page_costs(migrated: Engine) -> None:
+    engine = migrated
     project_id = uuid.uuid4()
     ids = [uuid.uuid4() for _ in range(EVENTS)]
     with Database(engine).write() as session:
