@@ -407,7 +407,6 @@ class CheckEndpoint:
         reused = self.answers.get(memo_key)
         # A device whose answer its cohort shares, kept under the query without its valid id.
         device_id = None
-        cohort = None
         if reused is None:
             anonymous = without_device(raw_query)
             if anonymous is not None and targeting.valid_device_id(anonymous[1]):
@@ -420,8 +419,7 @@ class CheckEndpoint:
             if device_id is None or rollouts == ():
                 answer = reused[3].get(0)
             elif rollouts is not None:
-                cohort = targeting.rollout_cohort(device_id, rollouts)
-                answer = reused[3].get(cohort)
+                answer = reused[3].get(targeting.rollout_cohort(device_id, rollouts))
         if answer is None:
             found = resolve_cached(cache, self.request(api_key, parse_query(raw_query)))
             if isinstance(found, Miss):
