@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from sqlalchemy import make_url
 
 from koolbase_ota.app import OTAApp, create_app
 from koolbase_ota.config import Settings
@@ -211,14 +212,30 @@ def seaweed() -> Iterator[SeaweedService]:
         yield service
 
 
+@pytest.fixture(scope="session")
+def migrated_database(postgres: PostgresService, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The name of a database migrated once, that each server's database is copied from:
+    migrating took each a second of the run (it is still checked on every start)."""
+    url = postgres.create_database()
+    engine = create_db_engine(url)
+    try:
+        upgrade_schema(engine, lock_dir=tmp_path_factory.mktemp("template"))
+    finally:
+        engine.dispose()
+    name: str = make_url(url).database or ""
+    return name
+
+
 def backend_settings(backend: str, request: pytest.FixtureRequest) -> dict[str, Any]:
-    """Settings that point a new server at fresh, empty backends of the given pair."""
+    """Settings that point a new server at fresh backends of the given pair: an empty store
+    and a database with the schema but no rows."""
     if backend == "sqlite-local":
         return {}
     postgres: PostgresService = request.getfixturevalue("postgres")
     seaweed: SeaweedService = request.getfixturevalue("seaweed")
+    template: str = request.getfixturevalue("migrated_database")
     return {
-        "database_url": postgres.create_database(),
+        "database_url": postgres.create_database(template=template),
         "storage_url": f"s3://{seaweed.bucket}/{seaweed.unique_prefix()}",
         "s3_endpoint": seaweed.endpoint,
         "s3_region": seaweed.region,
