@@ -46,12 +46,14 @@ CHECK = "/v1/sdk/ota/check"
 
 
 class StatementLog:
-    """Every SQL statement the server's engine runs, but the change-log poll."""
+    """Every SQL statement the server's engines run, but the change-log poll: the checks' own
+    and the one everything else uses."""
 
     def __init__(self, server: RunningServer) -> None:
-        self.engine = server.context.db.engine
+        self.engines = (server.context.check_cache.db.engine, server.context.db.engine)
         self.statements: list[str] = []
-        event.listen(self.engine, "before_cursor_execute", self._record)
+        for engine in self.engines:
+            event.listen(engine, "before_cursor_execute", self._record)
 
     def _record(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         # The poll's own BEGIN (SQLite) carries no table name; a lookup always has a SELECT.
@@ -59,7 +61,8 @@ class StatementLog:
             self.statements.append(statement)
 
     def close(self) -> None:
-        event.remove(self.engine, "before_cursor_execute", self._record)
+        for engine in self.engines:
+            event.remove(engine, "before_cursor_execute", self._record)
 
 
 @pytest.fixture
@@ -75,8 +78,11 @@ def test_a_warm_check_reads_nothing_from_the_database(
     released(client, project)
     # Let the change log's news of this new project (and its keys) reach the cache first.
     time.sleep(server.settings.cache_refresh_seconds * 3)
+    statements.statements.clear()
     assert client.get(CHECK, headers=project.key()).status_code == 200
     assert client.get(CHECK, headers=project.key("staging")).status_code == 200
+    # The log sees the checks' reads: those cold checks read the key and the channel.
+    assert any("FROM channels" in statement for statement in statements.statements)
     statements.statements.clear()
     for version in (0, 1, 0, 5) * 10:
         assert (
@@ -170,7 +176,7 @@ def test_checks_missing_the_same_entry_at_once_share_one_database_read(
             reads.append(statement)
             time.sleep(0.3)  # long enough for every check below to miss while it runs
 
-    engine = server.context.db.engine
+    engine = server.context.check_cache.db.engine
     event.listen(engine, "before_cursor_execute", slow_channel_read)
     try:
         barrier = threading.Barrier(16)

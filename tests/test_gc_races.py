@@ -140,3 +140,36 @@ def test_gc_clears_more_records_than_one_postgres_statement_can_name(
             assert session.scalar(select(func.count()).select_from(PendingObject)) == 0
     finally:
         engine.dispose()
+
+
+def test_an_upload_in_flight_is_aged_by_the_database_clock_not_gcs(
+    server_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc run from a host whose clock is two hours ahead (a laptop, a cron box without NTP):
+    an upload whose object is stored and whose row is not yet written must stay. Its record
+    was aged by gc's clock, and the object removed. The skew is the one thing faked here."""
+    server = server_factory()
+    if server.backend != "postgres-s3":
+        pytest.skip("a SQLite file is only used on its own host: one clock")
+    project = new_project(server.db)
+    # An upload between storing its object and writing its row: its record, and its object.
+    key = f"ota/{project.id}/production/v1.zip"
+    with server.db.write() as session:
+        session.add(PendingObject(storage_path=key, reason="upload", created_at=utcnow()))
+    store = open_store(server.settings)
+    source = server.settings.data_dir / "in-flight.zip"
+    source.write_bytes(b"an upload in flight")
+    asyncio.run(store.put_file(key, source))
+
+    import koolbase_ota.bundles.gc as gc_module
+    import koolbase_ota.db as db_module
+
+    ahead = dt.timedelta(hours=2)
+    monkeypatch.setattr(gc_module, "utcnow", lambda: utcnow() + ahead)
+    monkeypatch.setattr(db_module, "utcnow", lambda: utcnow() + ahead)
+    report = asyncio.run(collect_garbage(db=server.db, store=store, grace=dt.timedelta(hours=1)))
+
+    assert report.removed == []
+    assert server.object_exists(key)
+    with server.db.read() as session:
+        assert session.scalar(select(func.count()).select_from(PendingObject)) == 1

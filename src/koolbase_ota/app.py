@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import Receive, Scope, Send
 
-from koolbase_ota import __version__
+from koolbase_ota import __version__, changes
 from koolbase_ota.allocator import reuse_freed_memory
 from koolbase_ota.audit_router import router as audit_router
 from koolbase_ota.bundles.release_router import router as release_router
@@ -27,7 +27,7 @@ from koolbase_ota.ops import MetricsMiddleware
 from koolbase_ota.ops import router as ops_router
 from koolbase_ota.projects.router import router as channels_router
 from koolbase_ota.ratelimit import RateLimits
-from koolbase_ota.sdk.cache import CheckCache
+from koolbase_ota.sdk.cache import CHECK_CONNECTIONS, CheckCache
 from koolbase_ota.sdk.check import CheckEndpoint, is_check
 from koolbase_ota.sdk.check import router as check_router
 from koolbase_ota.sdk.codepush import CodePushEndpoint, is_code_push
@@ -84,8 +84,16 @@ def create_app(settings: Settings) -> OTAApp:
         create_db_engine(settings.database_url, timeout_seconds=settings.database_timeout_seconds)
     )
     store = open_store(settings)
+    # The checks' own connections, beside the dashboard's (see `koolbase_ota.sdk.cache`).
+    check_db = Database(
+        create_db_engine(
+            settings.database_url,
+            timeout_seconds=settings.database_timeout_seconds,
+            connections=CHECK_CONNECTIONS,
+        )
+    )
     cache = CheckCache(
-        db=db,
+        db=check_db,
         store=store,
         url_ttl_seconds=settings.url_ttl_seconds,
         signing_key=settings.secret_key,
@@ -109,14 +117,19 @@ def create_app(settings: Settings) -> OTAApp:
         # way, so full collections stay short and do not stall in-flight checks.
         gc.collect()
         gc.freeze()
-        refresher = asyncio.create_task(cache.run(every_seconds=settings.cache_refresh_seconds))
+        background = [
+            asyncio.create_task(cache.run(every_seconds=settings.cache_refresh_seconds)),
+            asyncio.create_task(changes.prune_forever(db)),
+        ]
         try:
             yield
         finally:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+            for task in background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             db.dispose()
+            check_db.dispose()
 
     app = OTAApp(
         title="koolbase-ota",

@@ -9,14 +9,22 @@ poll interval.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import logging
 import uuid
 from dataclasses import dataclass
 
+import anyio.to_thread
 from sqlalchemy import BigInteger, Integer, String, Uuid, bindparam, delete, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from koolbase_ota.db import Base, Database, UTCDateTime, utcnow
+
+logger = logging.getLogger(__name__)
+
+#: How often each process prunes the log (`prune_forever`).
+PRUNE_EVERY_SECONDS = 600
 
 #: What changed: the bundles of a channel, or the keys (or tokens) of a project.
 BUNDLES = "bundles"
@@ -116,3 +124,14 @@ def prune(db: Database, *, older_than: dt.timedelta = dt.timedelta(hours=1)) -> 
                 ChangeEvent.created_at < utcnow() - older_than, ChangeEvent.id < newest
             )
         )
+
+
+async def prune_forever(db: Database) -> None:
+    """Prune every `PRUNE_EVERY_SECONDS`, in a thread the dashboard shares. Not in the poll's:
+    a delete waits on a writer holding SQLite's lock, and the poll must not wait with it."""
+    while True:
+        await asyncio.sleep(PRUNE_EVERY_SECONDS)
+        try:
+            await anyio.to_thread.run_sync(prune, db)
+        except Exception as exc:
+            logger.warning("could not prune the change log: %s", type(exc).__name__)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event, text
+from sqlalchemy import DateTime, Engine, MetaData, create_engine, event, func, select, text
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -18,7 +18,7 @@ from sqlalchemy.types import TypeDecorator
 from koolbase_ota.clock import utcnow
 from koolbase_ota.errors import DatabaseUnavailable, InvalidInput
 
-__all__ = ["Base", "Database", "UTCDateTime", "utcnow"]
+__all__ = ["Base", "Database", "UTCDateTime", "database_now", "utcnow"]
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -66,14 +66,21 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def create_db_engine(url: str, *, timeout_seconds: float = 10.0) -> Engine:
+def create_db_engine(
+    url: str, *, timeout_seconds: float = 10.0, connections: int | None = None
+) -> Engine:
     """Build the engine; SQLite gets WAL, a busy timeout and write transactions that lock first.
+
+    `connections` fixes the pool at that many connections (a caller that bounds its own
+    threads); by default it grows with demand up to 40 (SQLite) or 30 (PostgreSQL).
 
     A URL that cannot be used is one clear `InvalidInput` naming no part of it: it may hold
     a password.
     """
     try:
-        return _create_db_engine(normalise_url(url), timeout_seconds=timeout_seconds)
+        return _create_db_engine(
+            normalise_url(url), timeout_seconds=timeout_seconds, connections=connections
+        )
     except (ArgumentError, ValueError, ImportError):
         raise InvalidInput(
             "the database URL is not one koolbase-ota can use: expected"
@@ -83,7 +90,7 @@ def create_db_engine(url: str, *, timeout_seconds: float = 10.0) -> Engine:
         raise InvalidInput(f"cannot create the database's directory: {exc.strerror}") from None
 
 
-def _create_db_engine(url: str, *, timeout_seconds: float) -> Engine:
+def _create_db_engine(url: str, *, timeout_seconds: float, connections: int | None) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -91,16 +98,17 @@ def _create_db_engine(url: str, *, timeout_seconds: float) -> Engine:
         engine = create_engine(
             url,
             connect_args={"timeout": timeout_seconds, "check_same_thread": False},
-            pool_size=20,
-            max_overflow=20,
+            pool_size=connections or 20,
+            max_overflow=0 if connections else 20,
+            pool_timeout=timeout_seconds,
         )
         _configure_sqlite(engine)
         return engine
     return create_engine(
         url,
         pool_pre_ping=True,
-        pool_size=10,
-        max_overflow=20,
+        pool_size=connections or 10,
+        max_overflow=0 if connections else 20,
         pool_timeout=timeout_seconds,
         connect_args={
             "connect_timeout": max(1, int(timeout_seconds)),
@@ -128,6 +136,16 @@ def _configure_sqlite(engine: Engine) -> None:
         # upgrades a read lock. Reads stay deferred and run beside a writer under WAL.
         mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
         connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+def database_now(session: Session) -> dt.datetime:
+    """Now by the database's clock on PostgreSQL, which every host shares; by this host's on
+    SQLite, whose file only its own host uses. For times that hosts other than the writer's
+    compare (`koolbase-ota gc` ageing an upload's record)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return utcnow()
+    now: dt.datetime = session.execute(select(func.now())).scalar_one()
+    return now.astimezone(dt.UTC)
 
 
 class Database:

@@ -44,7 +44,7 @@ class AppContext:
         such: a 503 would have the client repeat it (a second promoted copy, a toggle undone).
         """
         try:
-            await self.check_cache.refresh()
+            await self.check_cache.refresh(via=self.db)
         except Exception as exc:
             logger.warning(
                 "the change is saved; this process's checks see it with the next poll (%s)",

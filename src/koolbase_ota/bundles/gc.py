@@ -11,8 +11,9 @@ import anyio.to_thread
 from sqlalchemy import delete, select
 
 from koolbase_ota.bundles.models import Bundle, PendingObject
-from koolbase_ota.db import Database, utcnow
+from koolbase_ota.db import Database, database_now, utcnow
 from koolbase_ota.storage import BundleStore
+from koolbase_ota.storage.local import LocalStore
 
 logger = logging.getLogger(__name__)
 
@@ -36,32 +37,40 @@ async def collect_garbage(
     Files younger than `grace` are left alone: they may belong to an upload still in flight.
     With `tmp_dir` (the data dir's `tmp`), staged uploads left there by a server that died
     mid-upload are removed too, and listed in `removed` by their full path.
+
+    Ages are told by the clock that wrote each time, not by this host's: an upload's record by
+    the database's (`database_now`), an object in S3 by the store's, which the database's
+    stands in for; local files by this host's, the only one that writes them.
     """
     report = GcReport()
-    cutoff = utcnow() - grace
     if tmp_dir is not None:
-        report.removed += await anyio.to_thread.run_sync(_remove_stale_uploads, tmp_dir, cutoff)
+        report.removed += await anyio.to_thread.run_sync(
+            _remove_stale_uploads, tmp_dir, utcnow() - grace
+        )
 
-    def snapshot() -> tuple[set[str], list[PendingObject]]:
+    def snapshot() -> tuple[set[str], list[PendingObject], dt.datetime]:
         with db.read() as session:
             paths = set(session.scalars(select(Bundle.storage_path)))
             pending = list(session.scalars(select(PendingObject)))
-        return paths, pending
+            now = database_now(session)
+        return paths, pending, now
 
-    referenced, pending = await anyio.to_thread.run_sync(snapshot)
+    referenced, pending, now = await anyio.to_thread.run_sync(snapshot)
+    cutoff = now - grace
     candidates = {
         record.storage_path
         for record in pending
         if record.reason == "delete" or record.created_at < cutoff
     }
+    object_cutoff = utcnow() - grace if isinstance(store, LocalStore) else cutoff
     for stored in await store.list_keys("ota/"):
-        if stored.key not in referenced and stored.modified_at < cutoff:
+        if stored.key not in referenced and stored.modified_at < object_cutoff:
             candidates.add(stored.key)
     # Read again once the store is listed: an upload or promote records its key before it
     # stores the object, so any object listed above that is in flight or finished meanwhile
     # shows here. Its age is no guide: a promoted copy on local disk is a hard link with its
     # source's modification time.
-    referenced, pending = await anyio.to_thread.run_sync(snapshot)
+    referenced, pending, _now = await anyio.to_thread.run_sync(snapshot)
     recent_pending = {
         record.storage_path
         for record in pending

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from koolbase_ota import audit, changes
 from koolbase_ota.bundles import service, targeting
 from koolbase_ota.bundles.models import Bundle, PendingObject
-from koolbase_ota.db import Database, utcnow
+from koolbase_ota.db import Database, database_now, utcnow
 from koolbase_ota.errors import Conflict, InvalidInput, NotFound
 from koolbase_ota.storage import BundleStore, ObjectNotFound, StoreOutcomeUnknown
 
@@ -215,7 +215,9 @@ async def promote_bundle(
             path = service.storage_path(
                 project_id=project_id, channel=channel, version=row.last_version
             )
-            session.add(PendingObject(storage_path=path, reason="upload", created_at=utcnow()))
+            session.add(
+                PendingObject(storage_path=path, reason="upload", created_at=database_now(session))
+            )
             return path, row.last_version
 
     path, version = await service._db(allocate)

@@ -20,7 +20,7 @@ from koolbase_ota.bundles import targeting
 from koolbase_ota.bundles.models import Bundle, PendingObject
 from koolbase_ota.bundles.multipart import MAX_RELEASE_NOTES, StagedUpload
 from koolbase_ota.bundles.validation import ZipLimits, validate_zip
-from koolbase_ota.db import Database, utcnow
+from koolbase_ota.db import Database, database_now, utcnow
 from koolbase_ota.errors import Conflict, DatabaseUnavailable, InvalidInput, NotFound, OTAError
 from koolbase_ota.projects import channels
 from koolbase_ota.projects.models import Channel
@@ -141,7 +141,9 @@ async def upload_bundle(
             row = lock_channel(session, project_id=project_id, name=channel)
             row.last_version += 1
             path = storage_path(project_id=project_id, channel=channel, version=row.last_version)
-            session.add(PendingObject(storage_path=path, reason="upload", created_at=utcnow()))
+            session.add(
+                PendingObject(storage_path=path, reason="upload", created_at=database_now(session))
+            )
             return path
 
     path = await _db(allocate)

@@ -6,6 +6,12 @@ versions), and each release's finished response bodies with their download URL. 
 reused for at most half its lifetime, so every URL handed out is valid for at least half the TTL.
 Entries are dropped when the change log (`koolbase_ota.changes`) says they changed; a process
 polls it every `refresh_seconds`. When the database is down, cached entries keep answering.
+
+Cold lookups, the poll and the readiness probe run in worker threads and on database
+connections of their own (`LOOKUP_THREADS`, `CHECK_CONNECTIONS`), not the dashboard's:
+dashboard requests that hold all of theirs (writes waiting on a locked table) delay none of
+them. A table the checks read themselves, locked, still holds up cold checks; warm ones answer
+from the cache.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio.to_thread
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from koolbase_ota import changes
 from koolbase_ota.bundles import targeting
@@ -54,9 +60,14 @@ ANSWER_REUSE_SECONDS = 1.0
 #: What a URL's expiry may lose to rounding: the embedded signer's `expires` and S3's
 #: `X-Amz-Date` are whole seconds, rounded down. Renewal is this much earlier still.
 EXPIRY_ROUNDING_SECONDS = 1.0
-PRUNE_EVERY_SECONDS = 600
 K = TypeVar("K")
 V = TypeVar("V")
+
+
+#: Worker threads a process's checks use for cold lookups, at most; the poll of the change log
+#: and the readiness probe have one each. Each thread has a database connection of its own.
+LOOKUP_THREADS = 4
+CHECK_CONNECTIONS = LOOKUP_THREADS + 2
 
 
 #: How many released bundles of a channel a check may walk back through, newest first from
@@ -270,6 +281,16 @@ def _json(answer: dict[str, object]) -> bytes:
     return json.dumps(answer, separators=(",", ":")).encode()
 
 
+@dataclass(frozen=True)
+class _Threads:
+    """The checks' worker threads on one event loop: cold lookups, the poll's, the probe's."""
+
+    loop: asyncio.AbstractEventLoop
+    lookups: anyio.CapacityLimiter
+    poll: anyio.CapacityLimiter
+    ping: anyio.CapacityLimiter
+
+
 @dataclass(eq=False)
 class _Flight:
     """One database load of a cache entry, which every check missing that entry awaits.
@@ -293,6 +314,7 @@ class CheckCache:
         url_ttl_seconds: int,
         signing_key: str = "",
     ) -> None:
+        #: The checks' own connections: at most `CHECK_CONNECTIONS` are used at once.
         self.db = db
         self.store = store
         self.url_ttl_seconds = url_ttl_seconds
@@ -311,6 +333,7 @@ class CheckCache:
         self.applied: dict[int, float] = {}
         #: The loads in flight, by (kind of entry, key).
         self.loading: dict[tuple[str, object], _Flight] = {}
+        self._threads: _Threads | None = None
         self.tally = RouteTally(CHECK_ROUTE)
         self.code_push_tally = RouteTally(CODE_PUSH_ROUTE)
         #: Downloads sent by this server (the embedded default's signed URLs).
@@ -349,7 +372,7 @@ class CheckCache:
         self, entries: dict[K, V], key: K, load: Callable[[], V], keep: Callable[[V], bool]
     ) -> V:
         generation = self.generation
-        value = await anyio.to_thread.run_sync(load)
+        value = await anyio.to_thread.run_sync(load, limiter=self.threads().lookups)
         # Loaded across an invalidation: the database may have changed between our read and
         # now, so answer with it but do not keep it.
         if generation == self.generation and keep(value):
@@ -357,6 +380,20 @@ class CheckCache:
                 entries.clear()
             entries[key] = value
         return value
+
+    def threads(self) -> _Threads:
+        """This event loop's limits on the checks' threads (one loop in a server process)."""
+        loop = asyncio.get_running_loop()
+        threads = self._threads
+        if threads is None or threads.loop is not loop:
+            threads = _Threads(
+                loop,
+                lookups=anyio.CapacityLimiter(LOOKUP_THREADS),
+                poll=anyio.CapacityLimiter(1),
+                ping=anyio.CapacityLimiter(1),
+            )
+            self._threads = threads
+        return threads
 
     def _landed(self, name: tuple[str, object], flight: _Flight) -> None:
         if self.loading.get(name) is flight:
@@ -534,11 +571,33 @@ class CheckCache:
         self.download_tally.flush()
 
     async def start(self) -> None:
-        self.last_change = await anyio.to_thread.run_sync(changes.latest_id, self.db)
+        self.last_change = await anyio.to_thread.run_sync(
+            changes.latest_id, self.db, limiter=self.threads().poll
+        )
 
-    async def refresh(self) -> None:
-        """Apply every change logged since the last refresh."""
-        found = await anyio.to_thread.run_sync(changes.changes_since, self.db, self.last_change)
+    async def ping(self) -> None:
+        """Read the database on the checks' pool, in a thread of its own: cold lookups stuck on
+        a locked table do not make a process whose database answers look unready."""
+
+        def select_one() -> None:
+            with self.db.read() as session:
+                session.execute(text("SELECT 1"))
+
+        await anyio.to_thread.run_sync(select_one, limiter=self.threads().ping)
+
+    async def refresh(self, *, via: Database | None = None) -> None:
+        """Apply every change logged since the last refresh.
+
+        By default it reads as the poll does, in the poll's thread and on the checks' pool. A
+        request that has just made a change passes its own database (`via`), and reads in one
+        of the threads everything else shares, leaving the checks' alone.
+        """
+        if via is None:
+            found = await anyio.to_thread.run_sync(
+                changes.changes_since, self.db, self.last_change, limiter=self.threads().poll
+            )
+        else:
+            found = await anyio.to_thread.run_sync(changes.changes_since, via, self.last_change)
         now = time.monotonic()
         for change in found:
             # Polls look back a while (see changes.LOOK_BACK), and two refreshes may overlap
@@ -555,7 +614,6 @@ class CheckCache:
 
     async def run(self, *, every_seconds: float) -> None:
         """Refresh forever; a failing database leaves the cache as it is (stale if error)."""
-        next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
         while True:
             await asyncio.sleep(every_seconds)
             try:
@@ -566,9 +624,6 @@ class CheckCache:
                 logger.warning("could not count the checks served: %s", type(exc).__name__)
             try:
                 await self.refresh()
-                if time.monotonic() >= next_prune:
-                    next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
-                    await anyio.to_thread.run_sync(changes.prune, self.db)
             except Exception as exc:
                 logger.warning(
                     "cache refresh failed, serving cached answers: %s", type(exc).__name__
