@@ -130,8 +130,12 @@ class RunningServer:
         assert response.status_code == 200, response.text
         return response.content
 
-    def stop(self) -> None:
+    def should_exit(self) -> None:
+        """Ask the server to stop, without waiting for it."""
         self._server.should_exit = True
+
+    def stop(self) -> None:
+        self.should_exit()
         self._thread.join(timeout=10)
         self.db.dispose()
 
@@ -265,6 +269,8 @@ def server_factory(
         return running
 
     yield factory
+    for running in started:  # all told at once: each takes a few ticks of its loop to stop
+        running.should_exit()
     for running in started:
         running.stop()
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import OperationalError
 
 from koolbase_ota.bundles.gc import collect_garbage
@@ -115,15 +115,15 @@ def test_gc_clears_more_records_than_one_postgres_statement_can_name(
     upgrade_schema(engine, lock_dir=tmp_path)
     db = Database(engine)
     try:
-        day_ago = utcnow() - dt.timedelta(days=1)
         with db.write() as session:
-            session.add_all(
-                PendingObject(
-                    storage_path=f"ota/{uuid.UUID(int=1)}/production/v{version}.zip",
-                    reason="delete",
-                    created_at=day_ago,
-                )
-                for version in range(1, 70_001)
+            # In one statement: 70,000 rows added through the ORM took half the test's time.
+            session.execute(
+                text(
+                    "INSERT INTO pending_objects (storage_path, reason, created_at)"
+                    " SELECT 'ota/' || :project || '/production/v' || n || '.zip', 'delete',"
+                    " :day_ago FROM generate_series(1, 70000) AS n"
+                ),
+                {"project": str(uuid.UUID(int=1)), "day_ago": utcnow() - dt.timedelta(days=1)},
             )
         # The store these deletes were meant for (the files are gone already: deleting a
         # missing file is no error), on local disk so the run takes seconds.
