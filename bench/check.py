@@ -92,23 +92,46 @@ def main() -> int:
     parser.add_argument(
         "--probe", action="store_true", help="log the server's event-loop stalls (slower)"
     )
+    parser.add_argument(
+        "--one-session",
+        action="store_true",
+        help="start our server and nginx in this script's session, so that where the kernel "
+        "groups processes by session (sched_autogroup_enabled) they share one scheduling "
+        "group with wrk; by default each has a session, and so a group, of its own",
+    )
     args = parser.parse_args()
     common.require_nginx_and_wrk()
     print(common.machine_line())
+    print(f"sessions: {common.session_line(own_session=not args.one_session)}")
 
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory())
         probe_dir = Path(tmp) / "probe"
         probe_dir.mkdir()
         extra = common.probe_env(probe_dir) if args.probe else None
-        server = stack.enter_context(common.ota_server(workers=args.workers, extra_env=extra))
+        server = stack.enter_context(
+            common.ota_server(
+                workers=args.workers, extra_env=extra, own_session=not args.one_session
+            )
+        )
         return measure(
-            server, Path(tmp), args.seconds, probe_dir if args.probe else None, max(1, args.rounds)
+            server,
+            Path(tmp),
+            args.seconds,
+            probe_dir if args.probe else None,
+            max(1, args.rounds),
+            own_session=not args.one_session,
         )
 
 
 def measure(
-    server: common.OtaServer, tmp: Path, seconds: int, probe_dir: Path | None, rounds: int = 1
+    server: common.OtaServer,
+    tmp: Path,
+    seconds: int,
+    probe_dir: Path | None,
+    rounds: int = 1,
+    *,
+    own_session: bool = True,
 ) -> int:
     """Each case against nginx serving the same bytes, `rounds` times; 1 if any run of any
     case misses a target."""
@@ -187,7 +210,9 @@ def measure(
     failed = False
     # A short warm-up of ours first (imports, first allocations), as nginx needs none.
     common.run_wrk(server.base_url + cases[0].path, seconds=2, headers=cases[0].headers)
-    with common.nginx_server(root, default_type="application/json") as nginx:
+    with common.nginx_server(
+        root, default_type="application/json", own_session=own_session
+    ) as nginx:
         offered_rps = 0.0
         for case in cases:
             static = f"{nginx.base_url}/{case.name.replace(' ', '-')}.json"

@@ -164,9 +164,15 @@ def _parent_death_signal() -> None:
 
 
 def start_process(
-    args: Sequence[str], *, log: Path, env: dict[str, str]
+    args: Sequence[str], *, log: Path, env: dict[str, str], own_session: bool = True
 ) -> subprocess.Popen[bytes]:
-    """Start ``args`` in a session of its own, its output appended to ``log``."""
+    """Start ``args`` in a session of its own, its output appended to ``log``.
+
+    A session of its own is also a scheduling group of its own where the kernel groups by
+    session (``/proc/sys/kernel/sched_autogroup_enabled``): the CPU is then shared between
+    this script's group (wrk) and the server's before it is shared between their threads.
+    ``own_session=False`` keeps them in one group, as peers (``check.py --one-session``).
+    """
     with open(log, "ab") as handle:
         return subprocess.Popen(
             list(args),
@@ -174,9 +180,20 @@ def start_process(
             stdout=handle,
             stderr=subprocess.STDOUT,
             env=env,
-            start_new_session=True,  # a Ctrl+C reaches this script, which stops it properly
+            # A Ctrl+C reaches this script alone, which stops it properly.
+            start_new_session=own_session,
             preexec_fn=_parent_death_signal,
         )
+
+
+def session_line(*, own_session: bool) -> str:
+    """How the servers are grouped for the scheduler, for the report."""
+    try:
+        autogroup = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip()
+    except OSError:
+        autogroup = "unknown"
+    where = "each server in a session of its own" if own_session else "servers in wrk's session"
+    return f"{where} (sched_autogroup_enabled={autogroup})"
 
 
 def stop_process(
@@ -342,7 +359,11 @@ def server_env(
 
 @contextlib.contextmanager
 def ota_server(
-    *, workers: int, extra_env: dict[str, str] | None = None, timeout: float = 60.0
+    *,
+    workers: int,
+    extra_env: dict[str, str] | None = None,
+    timeout: float = 60.0,
+    own_session: bool = True,
 ) -> Iterator[OtaServer]:
     """Start ``koolbase-ota serve`` on a free port with a fresh data dir; stop it afterwards."""
     port = free_port()
@@ -352,7 +373,9 @@ def ota_server(
         log = Path(tmp) / "server.log"
         env = server_env(data_dir, base_url, extra_env)
         args = [venv_tool("koolbase-ota"), "serve", "--host", HOST, "--port", str(port)]
-        process = start_process([*args, "--workers", str(workers)], log=log, env=env)
+        process = start_process(
+            [*args, "--workers", str(workers)], log=log, env=env, own_session=own_session
+        )
         try:
             wait_until(
                 lambda: http_ok(base_url + "/healthz"), process=process, log=log, timeout=timeout
@@ -403,7 +426,11 @@ http {{
 
 @contextlib.contextmanager
 def nginx_server(
-    root: Path, *, default_type: str = "application/octet-stream", timeout: float = 20.0
+    root: Path,
+    *,
+    default_type: str = "application/octet-stream",
+    timeout: float = 20.0,
+    own_session: bool = True,
 ) -> Iterator[Nginx]:
     """Start nginx (2 workers, sendfile, no access log) serving ``root``; stop it afterwards.
 
@@ -428,7 +455,7 @@ def nginx_server(
         )
         log = Path(tmp) / "stdout.log"
         args = [nginx, "-p", tmp, "-e", f"{tmp}/error.log", "-c", str(conf)]
-        process = start_process(args, log=log, env=dict(os.environ))
+        process = start_process(args, log=log, env=dict(os.environ), own_session=own_session)
         base_url = f"http://{HOST}:{port}"
         try:
             wait_until(
