@@ -90,7 +90,9 @@ def test_a_device_app_version_is_parsed_once_and_the_kept_parses_are_bounded() -
     assert targeting.device_app_version.cache_info().currsize == targeting.DEVICE_APP_VERSIONS_KEPT
 
 
-@pytest.mark.parametrize("text", ["", " ", "2.", ".2", "2..4", "a", "1.2.3.4.5", "1234567"])
+@pytest.mark.parametrize(
+    "text", ["", " ", "2.", ".2", "2..4", "a", "1.2.3.4.5", "1234567", "1.2.3.4.5rc", "v2.4.1"]
+)
 def test_bad_versions_are_refused(text: str) -> None:
     if text.strip():
         with pytest.raises(InvalidInput) as refused:
@@ -107,6 +109,8 @@ def test_bad_versions_are_refused(text: str) -> None:
         ("2.4.1+45", (2, 4, 1, 0)),
         ("2.4.1 (45)", (2, 4, 1, 0)),
         ("1.2.3.4~rc", (1, 2, 3, 4)),
+        ("2.4.1rc1", (2, 4, 1, 0)),
+        ("1.2.3.4b", (1, 2, 3, 4)),
     ],
 )
 def test_a_device_app_version_is_read_by_its_number_not_its_label(

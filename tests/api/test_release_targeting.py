@@ -68,12 +68,22 @@ def test_a_label_after_the_app_version_is_not_compared(
     client: httpx.Client, project: Project
 ) -> None:
     """Android flavors add a label to `versionName` (`2.4.1-staging`, `2.4.1.debug`), builds
-    a number (`2.4.1+45`): the device is matched by the number before it."""
+    a number (`2.4.1+45`), pre-releases a letter (`2.4.1rc1`; 400 before, so such a device got
+    no update at all): the device is matched by the number before it."""
     base = release(client, project)
     ranged = release(client, project, min_app_version="2.4.1", max_app_version="2.4.9")
-    for labelled in ("2.4.1-staging", "2.4.1.debug", "2.4.1+45", "2.4.9 (45)", "2.4.5_qa"):
+    for labelled in (
+        "2.4.1-staging",
+        "2.4.1.debug",
+        "2.4.1+45",
+        "2.4.9 (45)",
+        "2.4.5_qa",
+        "2.4.1rc1",
+        "2.4.9b3",
+        "2.4.5beta",
+    ):
         assert offered(client, project, app_version=labelled) == ranged["version"], labelled
-    for labelled in ("2.4.0-staging", "2.4.10.debug", "2.5+45"):
+    for labelled in ("2.4.0-staging", "2.4.10.debug", "2.5+45", "2.4.0rc1", "2.4.10b"):
         assert offered(client, project, app_version=labelled) == base["version"], labelled
 
 

@@ -21,11 +21,12 @@ _APP_VERSION = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,6}){0,3}")
 #: a label of at most 64 characters.
 MAX_DEVICE_APP_VERSION_CHARS = 4 * 6 + 3 + 64
 #: A device's app version may carry a label after its number, as Android flavors add one to
-#: `versionName` (`2.4.1-staging`, `2.4.1.debug`) and builds to it (`2.4.1+45`): the label
-#: starts with one of `-+_~ (` or a dot before a letter, is printable ASCII, and is not
-#: compared. A fifth number part (`1.2.3.4.5`) is not a label.
+#: `versionName` (`2.4.1-staging`, `2.4.1.debug`), builds to it (`2.4.1+45`) and pre-releases
+#: (`2.4.1rc1`, `2.4.1b3`): the label starts with a letter, one of `-+_~ (` or a dot before a
+#: letter, is printable ASCII, and is not compared. A fifth number part (`1.2.3.4.5`) is not
+#: a label, nor a seventh digit (`1234567`): either could be read as another number.
 _DEVICE_APP_VERSION = re.compile(
-    r"([0-9]{1,6}(?:\.[0-9]{1,6}){0,3})(?:(?:[-+_~ (]|\.(?=[A-Za-z]))[ -~]{0,63})?"
+    r"([0-9]{1,6}(?:\.[0-9]{1,6}){0,3})(?:(?:[-+_~ (A-Za-z]|\.(?=[A-Za-z]))[ -~]{0,63})?"
 )
 #: What a device may send as its id: a UUID in practice; anything of these characters is taken.
 MAX_DEVICE_ID_CHARS = 128
