@@ -239,14 +239,17 @@ SCHEMA_HEAD = "0006"
 
 
 def _revision(connection: Connection) -> str | None:
-    """The schema's revision as Alembic records it; None when there is none to read yet."""
+    """The schema's one revision as Alembic records it; None when there is no such table (a
+    new database) or not exactly one row (Alembic refuses more than one head)."""
     try:
-        revision: str | None = connection.execute(
-            text("SELECT version_num FROM alembic_version")
-        ).scalar()
-    except (ProgrammingError, OperationalError):
-        return None  # no such table, most likely: a new database; Alembic looks properly
-    return revision
+        rows = connection.execute(text("SELECT version_num FROM alembic_version")).all()
+    except ProgrammingError:  # PostgreSQL: no such table
+        return None
+    except OperationalError as exc:
+        if "no such table" in str(exc.orig):  # SQLite
+            return None
+        raise  # a timeout, a lost connection: reported once, not waited for twice
+    return str(rows[0][0]) if len(rows) == 1 else None
 
 
 def _upgrade_schema(engine: Engine, *, lock_dir: Path) -> str | None:
