@@ -11,28 +11,19 @@ import datetime as dt
 import json
 import sqlite3
 import uuid
-from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import Engine, event, insert
 
 from koolbase_ota import audit
-from koolbase_ota.db import Database, upgrade_schema
-from tests.test_migrations_upgrade import engine
+from koolbase_ota.db import Database
+from tests.test_migrations_upgrade import engine, migrated
 
-__all__ = ["engine"]  # the fixture, shared with the migration tests
+__all__ = ["engine", "migrated"]  # the fixtures, shared with the migration tests
 
 EVENTS = 20_000
 LIMIT = 100
 BASE = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
-
-
-@pytest.fixture
-def migrated(engine: Engine, tmp_path: Path) -> Engine:
-    """An empty database of each kind (the migration tests' `engine`), at the newest schema."""
-    upgrade_schema(engine, lock_dir=tmp_path)
-    return engine
 
 
 def _rows_read(engine: Engine, statement: str, parameters: Any) -> int:

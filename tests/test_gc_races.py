@@ -12,6 +12,7 @@ import datetime as dt
 import os
 import pathlib
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import OperationalError
 
+import koolbase_ota.bundles.gc as gc_module
+import koolbase_ota.db as db_module
 from koolbase_ota.bundles.gc import collect_garbage
 from koolbase_ota.bundles.models import PendingObject
 from koolbase_ota.db import Database, create_db_engine, upgrade_schema, utcnow
@@ -143,7 +146,7 @@ def test_gc_clears_more_records_than_one_postgres_statement_can_name(
 
 
 def test_an_upload_in_flight_is_aged_by_the_database_clock_not_gcs(
-    server_factory: Any, monkeypatch: pytest.MonkeyPatch
+    server_factory: Callable[..., RunningServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """gc run from a host whose clock is two hours ahead (a laptop, a cron box without NTP):
     an upload whose object is stored and whose row is not yet written must stay. Its record
@@ -160,9 +163,6 @@ def test_an_upload_in_flight_is_aged_by_the_database_clock_not_gcs(
     source = server.settings.data_dir / "in-flight.zip"
     source.write_bytes(b"an upload in flight")
     asyncio.run(store.put_file(key, source))
-
-    import koolbase_ota.bundles.gc as gc_module
-    import koolbase_ota.db as db_module
 
     ahead = dt.timedelta(hours=2)
     monkeypatch.setattr(gc_module, "utcnow", lambda: utcnow() + ahead)

@@ -3,7 +3,6 @@ Alembic path behind it: found by review of the change that added it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +13,9 @@ from sqlalchemy import Engine, event, text
 from koolbase_ota.db import create_db_engine, upgrade_schema
 from koolbase_ota.errors import DatabaseUnavailable
 from tests.services import PostgresService
+from tests.test_migrations_upgrade import engine, migrated
 
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def migrated(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        engine = create_db_engine(f"sqlite:///{tmp_path / 'ota.db'}", timeout_seconds=1)
-    else:
-        postgres: PostgresService = request.getfixturevalue("postgres")
-        engine = create_db_engine(postgres.create_database(), timeout_seconds=1)
-    assert upgrade_schema(engine, lock_dir=tmp_path) is not None
-    yield engine
-    engine.dispose()
+__all__ = ["engine", "migrated"]  # the fixtures, shared with the migration tests
 
 
 def test_a_version_table_with_two_heads_is_not_taken_as_up_to_date(

@@ -592,12 +592,10 @@ class CheckCache:
         request that has just made a change passes its own database (`via`), and reads in one
         of the threads everything else shares, leaving the checks' alone.
         """
-        if via is None:
-            found = await anyio.to_thread.run_sync(
-                changes.changes_since, self.db, self.last_change, limiter=self.threads().poll
-            )
-        else:
-            found = await anyio.to_thread.run_sync(changes.changes_since, via, self.last_change)
+        db, limiter = (self.db, self.threads().poll) if via is None else (via, None)
+        found = await anyio.to_thread.run_sync(
+            changes.changes_since, db, self.last_change, limiter=limiter
+        )
         now = time.monotonic()
         for change in found:
             # Polls look back a while (see changes.LOOK_BACK), and two refreshes may overlap
