@@ -1,6 +1,8 @@
 """The `koolbase-ota` console script, run as a real process the way a user or a script runs it.
 
-Each run costs a Python start-up, so commands that do not depend on each other run side by side.
+Each command is a process of its own, forked from one that imported the CLI already
+(`tests/cli_zygote.py`; `KOOLBASE_TEST_CLI_EXEC=1` starts the console script itself every time).
+Commands that do not depend on each other still run side by side.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import re
 import sqlite3
 import stat
 import subprocess
-import sys
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +26,11 @@ from typing import Any
 import pytest
 
 from koolbase_ota.config import load_or_create_secret_key
+from tests import cli_zygote
+from tests.cli_zygote import CONSOLE_SCRIPT
 
-CONSOLE_SCRIPT = Path(sys.executable).parent / "koolbase-ota"
+__all__ = ["CONSOLE_SCRIPT"]
+
 DB_FILE = "koolbase-ota.db"
 CLI_TIMEOUT_SECONDS = 60
 LIVE_KEY = re.compile(r"pk_live_[0-9a-f]{24}")
@@ -59,11 +63,12 @@ def run_cli_all(
 ) -> list[CliResult]:
     """Run every `koolbase-ota ARGS` of `commands` at once against `data_dir`; never raises."""
     env = env if env is not None else cli_env(data_dir)
+    program = str(cli_zygote.launcher())
     started = [
         (
             tuple(args),
             subprocess.Popen(
-                [str(CONSOLE_SCRIPT), *args],
+                [program, *args],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
