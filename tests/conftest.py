@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx._transports.default
 import pytest
 import uvicorn
 from sqlalchemy import make_url
@@ -28,6 +31,31 @@ from koolbase_ota.projects import service as projects
 from koolbase_ota.sdk.cache import Release
 from koolbase_ota.storage import BundleStore
 from tests.services import PostgresService, SeaweedService
+
+_create_ssl_context = httpx.create_ssl_context
+
+
+@functools.cache
+def _default_ssl_context() -> ssl.SSLContext:
+    return _create_ssl_context()
+
+
+def _shared_default_ssl_context(
+    verify: ssl.SSLContext | str | bool = True, cert: Any = None, trust_env: bool = True
+) -> ssl.SSLContext:
+    """Every httpx client here speaks plain HTTP to 127.0.0.1, yet each one built a TLS
+    context from certifi's bundle: 45 ms of CPU a client, in thousands of clients some 40% of
+    the suite's CPU. Clients with the default settings share one; others ask httpx as before."""
+    if verify is True and cert is None and trust_env:
+        return _default_ssl_context()
+    return _create_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
+
+
+# httpx 0.28 builds a transport's context with this module's function (requirements-dev.lock
+# pins it; a later httpx that moved it would fail the assertion rather than be slow quietly).
+_transports: Any = httpx._transports.default
+assert _transports.create_ssl_context is _create_ssl_context
+_transports.create_ssl_context = _shared_default_ssl_context
 
 #: The bundle object's keys, exactly as the API document shows them.
 BUNDLE_FIELDS = {
