@@ -81,7 +81,11 @@ def create_app(settings: Settings) -> OTAApp:
     """The app for `settings`; nothing is created at import time, so tests can build many."""
     settings = settings.resolved()
     db = Database(
-        create_db_engine(settings.database_url, timeout_seconds=settings.database_timeout_seconds)
+        create_db_engine(
+            settings.database_url,
+            timeout_seconds=settings.database_timeout_seconds,
+            connections=settings.database_connections,
+        )
     )
     store = open_store(settings)
     # The checks' own connections, beside the dashboard's (see `koolbase_ota.sdk.cache`).

@@ -67,7 +67,9 @@ def _settings() -> Settings:
 def _database(settings: Settings, *, announce: bool = False) -> Database:
     """The database, migrated to the newest schema first."""
     engine = create_db_engine(
-        settings.database_url, timeout_seconds=settings.database_timeout_seconds
+        settings.database_url,
+        timeout_seconds=settings.database_timeout_seconds,
+        connections=settings.database_connections,
     )
     _ENGINES.append(engine)
     revision = upgrade_schema(engine, lock_dir=settings.data_dir)

@@ -71,8 +71,8 @@ def create_db_engine(
 ) -> Engine:
     """Build the engine; SQLite gets WAL, a busy timeout and write transactions that lock first.
 
-    `connections` fixes the pool at that many connections (a caller that bounds its own
-    threads); by default it grows with demand up to 40 (SQLite) or 30 (PostgreSQL).
+    `connections` bounds the pool: by default 30 on PostgreSQL, 40 on SQLite. It grows with
+    demand up to that, and keeps up to 10 (PostgreSQL) or 20 (SQLite) open when idle.
 
     A URL that cannot be used is one clear `InvalidInput` naming no part of it: it may hold
     a password.
@@ -95,20 +95,22 @@ def _create_db_engine(url: str, *, timeout_seconds: float, connections: int | No
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        most = connections or 40
         engine = create_engine(
             url,
             connect_args={"timeout": timeout_seconds, "check_same_thread": False},
-            pool_size=connections or 20,
-            max_overflow=0 if connections else 20,
+            pool_size=min(most, 20),
+            max_overflow=most - min(most, 20),
             pool_timeout=timeout_seconds,
         )
         _configure_sqlite(engine)
         return engine
+    most = connections or 30
     return create_engine(
         url,
         pool_pre_ping=True,
-        pool_size=connections or 10,
-        max_overflow=0 if connections else 20,
+        pool_size=min(most, 10),
+        max_overflow=most - min(most, 10),
         pool_timeout=timeout_seconds,
         connect_args={
             "connect_timeout": max(1, int(timeout_seconds)),
