@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -39,7 +40,7 @@ EXEC_COMMANDS = frozenset({"serve"})
 
 #: What the interpreter reads from the environment only when it starts (a fork keeps the
 #: zygote's): a command given other values than the zygote had runs as the real console script.
-START_UP_PREFIXES = ("PYTHON", "LC_", "LANG")
+START_UP_PREFIXES = ("PYTHON", "LC_", "LANG", "TZ")
 
 #: What the zygote imports before it forks, beyond the CLI itself: what commands import lazily.
 PRELOAD = (
@@ -65,35 +66,38 @@ MAX_REQUEST_BYTES = 1 << 20
 LAUNCHER = '''\
 #!{python} -S
 """koolbase-ota, forked from the test suite's zygote (tests/cli_zygote.py)."""
-import json, os, signal, socket, sys
+import json, os, resource, signal, socket, sys
 
 SOCKET = {socket!r}
 REAL = {real!r}
 EXEC_COMMANDS = {exec_commands!r}
-START_UP = {start_up!r}
+PROCESS = {process!r}
 PREFIXES = {prefixes!r}
 
 
-def start_up(env):
-    return {{k: v for k, v in env.items() if k.startswith(PREFIXES)}}
-
+{process_state}
 
 def run_real():
     os.execv(REAL, [REAL, *sys.argv[1:]])
 
 
 env = dict(os.environ)
-if sys.argv[1:2] and sys.argv[1] in EXEC_COMMANDS or start_up(env) != START_UP:
+if sys.argv[1:2] and sys.argv[1] in EXEC_COMMANDS or process_state(env, PREFIXES) != PROCESS:
     run_real()
-request = json.dumps({{"argv": [REAL, *sys.argv[1:]], "env": env, "cwd": os.getcwd()}})
 conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 try:
+    request = json.dumps({{"argv": [REAL, *sys.argv[1:]], "env": env, "cwd": os.getcwd()}})
     conn.connect(SOCKET)
     socket.send_fds(conn, [request.encode()], [0, 1, 2])
-    pid = int(conn.recv(64))
-except (OSError, ValueError):
+except OSError:  # no working directory, or no zygote: nothing was started
     conn.close()
     run_real()
+try:
+    pid = int(conn.recv(64))
+except (OSError, ValueError):
+    # The request reached the zygote: the command may have started, so it is not run again.
+    print("koolbase-ota (tests/cli_zygote.py): no word from the zygote", file=sys.stderr)
+    sys.exit(70)
 
 
 def forward(signum, frame):
@@ -108,14 +112,27 @@ for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT"):
 answer = conn.recv(64)
 code = int(answer) if answer else -signal.SIGKILL
 if code < 0:
-    signal.signal(-code, signal.SIG_DFL)
+    if -code not in (signal.SIGKILL, signal.SIGSTOP):
+        signal.signal(-code, signal.SIG_DFL)
     os.kill(os.getpid(), -code)
 sys.exit(code)
 '''
 
 
-def _start_up(env: dict[str, str]) -> dict[str, str]:
-    return {name: value for name, value in env.items() if name.startswith(START_UP_PREFIXES)}
+def process_state(env: dict[str, str], prefixes: tuple[str, ...]) -> dict[str, object]:
+    """What a fork keeps of the zygote, and the console script would take from whoever started
+    it: the start-up settings of the environment, the umask and the resource limits."""
+    import resource
+
+    mask = os.umask(0)
+    os.umask(mask)
+    limits = {
+        name: list(resource.getrlimit(getattr(resource, name)))
+        for name in sorted(dir(resource))
+        if name.startswith("RLIMIT_")
+    }
+    settings = {name: value for name, value in env.items() if name.startswith(prefixes)}
+    return {"environment": settings, "umask": mask, "limits": limits}
 
 
 class Zygote:
@@ -141,8 +158,9 @@ class Zygote:
                 socket=str(self.socket),
                 real=str(CONSOLE_SCRIPT),
                 exec_commands=tuple(sorted(EXEC_COMMANDS)),
-                start_up=_start_up(dict(os.environ)),
+                process=process_state(dict(os.environ), START_UP_PREFIXES),
                 prefixes=START_UP_PREFIXES,
+                process_state=inspect.getsource(process_state),
             )
         )
         self.launcher.chmod(0o755)
@@ -236,6 +254,10 @@ def _serve(path: str) -> None:
         importlib.import_module(name)
     if len(os.listdir("/proc/self/task")) != 1:
         return  # an import started a thread: forking would not be safe, so do not serve
+    try:
+        os.close(os.pidfd_open(os.getpid()))  # Linux 5.3 and later: else the commands exec
+    except (AttributeError, OSError):
+        return
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path)
     listener.listen(128)
@@ -246,12 +268,30 @@ def _serve(path: str) -> None:
     children: dict[int, tuple[socket.socket, int]] = {}  # pidfd -> (connection, pid)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
+    try:
+        _loop(listener, selector, children)
+    finally:
+        # Commands do not outlive their zygote: their launchers could not report on them.
+        for _conn, pid in children.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for _conn, pid in children.values():
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _loop(
+    listener: socket.socket,
+    selector: selectors.BaseSelector,
+    children: dict[int, tuple[socket.socket, int]],
+) -> None:
     while True:
         for key, _ in selector.select():
             if key.data == "parent":
                 return
             if key.data == "accept":
                 conn, _ = listener.accept()
+                conn.settimeout(5)  # a launcher stopped before it sent holds up no other
                 try:
                     message, fds, _flags, _address = socket.recv_fds(conn, MAX_REQUEST_BYTES, 3)
                     request = json.loads(message)

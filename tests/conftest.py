@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
+import os
 import socket
 import ssl
 import threading
@@ -36,7 +37,7 @@ _create_ssl_context = httpx.create_ssl_context
 
 
 @functools.cache
-def _default_ssl_context() -> ssl.SSLContext:
+def _default_ssl_context(cafile: str | None, capath: str | None) -> ssl.SSLContext:
     return _create_ssl_context()
 
 
@@ -47,7 +48,8 @@ def _shared_default_ssl_context(
     context from certifi's bundle: 45 ms of CPU a client, in thousands of clients some 40% of
     the suite's CPU. Clients with the default settings share one; others ask httpx as before."""
     if verify is True and cert is None and trust_env:
-        return _default_ssl_context()
+        # One a set of CA variables (which httpx reads), should a test change them.
+        return _default_ssl_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
     return _create_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
 
 
