@@ -6,18 +6,27 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 from sqlalchemy import Connection, make_url, text
 
+from koolbase_ota.cli import ensure_default_project
+from koolbase_ota.config import Settings
+from koolbase_ota.db import Database, create_db_engine, upgrade_schema
+from koolbase_ota.projects import service as projects
 from koolbase_ota.sdk.cache import CHECK_CONNECTIONS
 from tests.conftest import Project, RunningServer, assert_error, new_project, released
+from tests.services import PostgresService
 from tests.test_check_isolation import shared_threads_in_use
+from tests.test_cli import cli_env, run_cli
 
 #: More dashboard requests at once than the bound lets through to the database.
 REQUESTS = 12
 BOUND = 3
+#: The least the setting accepts.
+MINIMUM = 2
 
 
 def server_sessions(server: RunningServer, locker: Connection) -> tuple[int, int]:
@@ -83,12 +92,13 @@ def test_a_request_that_finds_every_connection_busy_is_503_and_checks_go_on(
 ) -> None:
     """It waits for a connection up to the database timeout, then fails cleanly; the checks,
     on connections of their own, are answered meanwhile."""
-    server = server_factory(database_connections=1, database_timeout_seconds=1)
+    server = server_factory(database_connections=MINIMUM, database_timeout_seconds=1)
     project: Project = new_project(server.db)
     with httpx.Client(base_url=server.base_url, timeout=30) as client:
         bundle = released(client, project)
-        # The process's one dashboard connection, held (as by a request stuck on a lock).
-        with server.context.db.engine.connect():
+        # The process's dashboard connections, held (as by requests stuck on a lock).
+        engine = server.context.db.engine
+        with engine.connect(), engine.connect():
             listed = client.get(project.path("/bundles"), headers=project.auth)
             assert_error(listed, 503, "database_unavailable")
             answer = client.get(
@@ -98,3 +108,34 @@ def test_a_request_that_finds_every_connection_busy_is_503_and_checks_go_on(
             assert answer.json()["version"] == bundle["version"]
         # Given back: the next request has it.
         assert client.get(project.path("/bundles"), headers=project.auth).status_code == 200
+
+
+def test_a_command_migrates_a_new_postgresql_database_at_the_minimum(
+    postgres: PostgresService, tmp_path: Path
+) -> None:
+    """Migrating holds the advisory lock on one connection and migrates on another (found by
+    review: at a bound of 1 every command on a new database waited out the timeout)."""
+    env = cli_env(
+        tmp_path,
+        KOOLBASE_OTA_DATABASE_URL=postgres.create_database(),
+        KOOLBASE_OTA_DATABASE_CONNECTIONS=str(MINIMUM),
+        KOOLBASE_OTA_DATABASE_TIMEOUT_SECONDS="2",
+    )
+    result = run_cli(tmp_path, "project", "list", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.json() == []
+
+
+def test_a_start_on_postgresql_at_the_minimum(postgres: PostgresService, tmp_path: Path) -> None:
+    """Every `serve` start looks for a project under the migration lock: two connections."""
+    url = postgres.create_database()
+    engine = create_db_engine(url, timeout_seconds=2, connections=MINIMUM)
+    try:
+        upgrade_schema(engine, lock_dir=tmp_path)
+        settings = Settings(data_dir=tmp_path, database_url=url).resolved()
+        created = ensure_default_project(settings, Database(engine))
+        assert created is not None  # a new database: the first start makes the default project
+        assert ensure_default_project(settings, Database(engine)) is None  # and only once
+        assert [row.name for row in projects.list_projects(Database(engine))] == ["default"]
+    finally:
+        engine.dispose()

@@ -78,8 +78,9 @@ class Settings(BaseSettings):
     # past it failed every connection, or the start with a traceback.
     database_timeout_seconds: float = Field(default=10.0, gt=0, le=24 * 3600)
     # The most database connections a process opens for everything but the checks (which have
-    # 6 of their own); unset: 30 on PostgreSQL, 40 on SQLite.
-    database_connections: int | None = Field(default=None, ge=1, le=1000)
+    # 6 of their own); unset: 30 on PostgreSQL, 40 on SQLite. At least 2: on PostgreSQL a
+    # start holds the migration lock on one while it migrates or looks for a project on another.
+    database_connections: int | None = Field(default=None, ge=2, le=1000)
     storage_timeout_seconds: float = Field(default=10.0, gt=0, le=24 * 3600)
     # How long an upload's body may stall (no bytes arriving) before it is refused with 408.
     upload_idle_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
