@@ -48,7 +48,7 @@ def _shared_default_ssl_context(
     context from certifi's bundle: 45 ms of CPU a client, in thousands of clients some 40% of
     the suite's CPU. Clients with the default settings share one; others ask httpx as before."""
     if verify is True and cert is None and trust_env:
-        # One a set of CA variables (which httpx reads), should a test change them.
+        # One per set of the CA variables httpx reads, should a test ever set them.
         return _default_ssl_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
     return _create_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
 
