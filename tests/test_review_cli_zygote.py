@@ -16,11 +16,9 @@ from pathlib import Path
 from tests import cli_zygote
 from tests.cli_zygote import CONSOLE_SCRIPT
 from tests.test_cli import cli_env
-from tests.test_cli_zygote import launcher
+from tests.test_cli_zygote import TIMEOUT, launcher, silent_database, waiting_command
 
-__all__ = ["launcher"]  # the fixture
-
-TIMEOUT = 60
+__all__ = ["launcher", "silent_database"]  # the fixtures
 
 
 def in_shell(
@@ -93,30 +91,14 @@ def commands_of(zygote: cli_zygote.Zygote) -> list[int]:
 
 
 @contextlib.contextmanager
-def waiting_command(
-    zygote: cli_zygote.Zygote, tmp_path: Path
-) -> Iterator[tuple[subprocess.Popen[bytes], list[int]]]:
-    """A launcher whose command waits on a database that never answers, and a list the caller
-    fills with the pids to kill at the end (the command's, should it be left over)."""
+def own_zygote() -> Iterator[tuple[cli_zygote.Zygote, list[int]]]:
+    """A zygote of the test's own, stopped at the end, and a list the caller fills with the
+    pids to kill then (commands left over)."""
+    zygote = cli_zygote.Zygote()
     leftovers: list[int] = []
     try:
-        with socket.create_server(("127.0.0.1", 0)) as listener:
-            port = listener.getsockname()[1]
-            env = cli_env(
-                tmp_path,
-                KOOLBASE_OTA_DATABASE_URL=f"postgresql://u:p@127.0.0.1:{port}/db",
-                KOOLBASE_OTA_DATABASE_TIMEOUT_SECONDS="600",
-            )
-            process = subprocess.Popen(
-                [str(zygote.launcher), "project", "list"],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )
-            listener.settimeout(TIMEOUT)
-            connection, _ = listener.accept()  # the command, connected and waiting
-            with connection:
-                yield process, leftovers
+        assert zygote.running
+        yield zygote, leftovers
     finally:
         for pid in leftovers:
             with contextlib.suppress(ProcessLookupError):
@@ -124,28 +106,33 @@ def waiting_command(
         zygote.stop()
 
 
-def test_a_zygote_that_stops_takes_its_commands_with_it(tmp_path: Path) -> None:
+def test_a_zygote_that_stops_takes_its_commands_with_it(
+    tmp_path: Path, silent_database: tuple[socket.socket, str]
+) -> None:
     """When the zygote goes (its test process ends, or it fails), a launcher whose command is
     still running exits; the command ran on, orphaned, holding the test's pipes (a
     `communicate()` waited for it) and its database session. It is killed with the zygote."""
-    zygote = cli_zygote.Zygote()
-    assert zygote.running
-    with waiting_command(zygote, tmp_path) as (process, leftovers):
-        zygote.stop()
-        process.wait(timeout=TIMEOUT)  # not communicate(): the orphan holds its stderr
-        assert process.stderr is not None
-        process.stderr.close()
-        leftovers += commands_of(zygote)
-        assert leftovers == [], "the command outlived its zygote and its launcher"
+    with own_zygote() as (zygote, leftovers):
+        process, connection = waiting_command(zygote.launcher, tmp_path, silent_database)
+        with connection:
+            zygote.stop()
+            process.wait(timeout=TIMEOUT)  # not communicate(): an orphan holds its pipes
+            for pipe in (process.stdout, process.stderr):
+                assert pipe is not None
+                pipe.close()
+            leftovers += commands_of(zygote)
+            assert leftovers == [], "the command outlived its zygote and its launcher"
 
 
-def test_a_command_killed_by_sigkill_is_minus_9(tmp_path: Path) -> None:
+def test_a_command_killed_by_sigkill_is_minus_9(
+    tmp_path: Path, silent_database: tuple[socket.socket, str]
+) -> None:
     """The console script killed by SIGKILL ends -9; the launcher, told -9, called
     `signal.signal(SIGKILL, SIG_DFL)`, which raises: a traceback and exit status 1."""
-    zygote = cli_zygote.Zygote()
-    assert zygote.running
-    with waiting_command(zygote, tmp_path) as (process, _leftovers):
-        (command,) = commands_of(zygote)
-        os.kill(command, signal.SIGKILL)
-        _, stderr = process.communicate(timeout=TIMEOUT)
-        assert (process.returncode, stderr) == (-signal.SIGKILL, b"")
+    with own_zygote() as (zygote, _leftovers):
+        process, connection = waiting_command(zygote.launcher, tmp_path, silent_database)
+        with connection:
+            (command,) = commands_of(zygote)
+            os.kill(command, signal.SIGKILL)
+            _, stderr = process.communicate(timeout=TIMEOUT)
+            assert (process.returncode, stderr) == (-signal.SIGKILL, b"")
