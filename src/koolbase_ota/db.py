@@ -95,29 +95,30 @@ def _create_db_engine(url: str, *, timeout_seconds: float, connections: int | No
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        most = connections or 40
         engine = create_engine(
             url,
             connect_args={"timeout": timeout_seconds, "check_same_thread": False},
-            pool_size=min(most, 20),
-            max_overflow=most - min(most, 20),
             pool_timeout=timeout_seconds,
+            **_pool(most=connections or 40, idle=20),
         )
         _configure_sqlite(engine)
         return engine
-    most = connections or 30
     return create_engine(
         url,
         pool_pre_ping=True,
-        pool_size=min(most, 10),
-        max_overflow=most - min(most, 10),
         pool_timeout=timeout_seconds,
+        **_pool(most=connections or 30, idle=10),
         connect_args={
             "connect_timeout": max(1, int(timeout_seconds)),
             # A statement that hangs fails after the timeout rather than holding a request forever.
             "options": f"-c statement_timeout={int(timeout_seconds * 1000)}",
         },
     )
+
+
+def _pool(*, most: int, idle: int) -> dict[str, int]:
+    """A pool that opens at most `most` connections and keeps up to `idle` of them open."""
+    return {"pool_size": min(most, idle), "max_overflow": most - min(most, idle)}
 
 
 def _configure_sqlite(engine: Engine) -> None:
