@@ -32,15 +32,16 @@ def test_readyz_checks_database_and_store(client: httpx.Client) -> None:
     assert response.json() == {"status": "ok", "checks": {"database": "ok", "storage": "ok"}}
 
 
-def _head_then_get(base_url: str, path: str) -> bytes:
+def _head_then_get(base_url: str, path: str, headers: dict[str, str] | None = None) -> bytes:
     """A HEAD and a GET of `path` pipelined on one connection: everything the server sends."""
     url = httpx.URL(base_url)
     assert url.port is not None
-    request = f"{{}} {path} HTTP/1.1\r\nHost: x\r\n\r\n"
+    lines = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    request = f"{{}} {path} HTTP/1.1\r\nHost: x\r\n{lines}\r\n"
     with socket.create_connection((url.host, url.port), timeout=30) as connection:
         connection.sendall(request.format("HEAD").encode() + request.format("GET").encode())
         received = b""
-        while received.count(b"HTTP/1.1 ") < 2 or not received.endswith(b"}"):
+        while received.count(b"HTTP/1.1 ") < 2 or not received.endswith((b"}", b"]")):
             chunk = connection.recv(65536)
             if not chunk:
                 break
@@ -48,18 +49,10 @@ def _head_then_get(base_url: str, path: str) -> bytes:
     return received
 
 
-@pytest.mark.parametrize("interface", ["uvicorn", "asgi", "rsgi"])
-@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
-def test_health_checks_answer_head_without_a_body(
-    tmp_path: Path, interface: str, path: str
-) -> None:
-    """Monitors that probe with HEAD got 405 and reported the server down."""
-    env = {"KOOLBASE_OTA_SERVER_INTERFACE": interface}
-    with serving(tmp_path / "data", f"head-{interface}", env=env) as server:
-        received = _head_then_get(server.base_url, path)
+def _assert_head_is_get_without_body(received: bytes, status: bytes) -> None:
     head, get = received.split(b"HTTP/1.1 ")[1:]
-    assert head.startswith(b"200 "), received
-    assert get.startswith(b"200 "), received
+    assert head.startswith(status + b" "), received
+    assert get.startswith(status + b" "), received
     # The HEAD's head ends the HEAD: no body before the GET's status line, and the length the
     # GET's body has.
     head_headers = head.split(b"\r\n\r\n")[0].lower()
@@ -67,6 +60,68 @@ def test_health_checks_answer_head_without_a_body(
     assert head.endswith(b"\r\n\r\n"), received
     assert f"content-length: {len(get_body)}".encode() in head_headers, received
     assert f"content-length: {len(get_body)}".encode() in get_headers.lower(), received
+    assert get_body, received
+
+
+@pytest.mark.parametrize("interface", ["uvicorn", "asgi", "rsgi"])
+def test_every_get_route_answers_head_without_a_body(tmp_path: Path, interface: str) -> None:
+    """RFC 9110 9.3.2: HEAD is GET's answer without the body. Monitors that probe with HEAD
+    got 405 from the health checks, and every other GET route (the checks, the dashboard's
+    reads) still answered HEAD with 405."""
+    env = {"KOOLBASE_OTA_SERVER_INTERFACE": interface}
+    data_dir = tmp_path / "data"
+    with serving(data_dir, f"head-{interface}", env=env) as server:
+        credentials = json.loads((data_dir / "credentials.json").read_text())
+        project = f"/v1/projects/{credentials['project_id']}"
+        token = {"Authorization": f"Bearer {credentials['dashboard_token']}"}
+        key = {"x-api-key": credentials["public_keys"]["production"]}
+        with httpx.Client(base_url=server.base_url, timeout=30) as client:
+            bundle = client.post(
+                f"{project}/ota/upload",
+                headers=token,
+                files={"bundle": ("b.zip", make_zip(), "application/zip")},
+            ).json()
+            activated = client.post(f"{project}/ota/bundles/{bundle['id']}/activate", headers=token)
+            assert activated.status_code == 200, activated.text
+        cases: list[tuple[str, dict[str, str], bytes]] = [
+            ("/healthz", {}, b"200"),
+            ("/readyz", {}, b"200"),
+            ("/v1/sdk/ota/check?version=0", key, b"200"),
+            ("/v1/sdk/ota/check?version=0", {}, b"401"),
+            ("/v1/code-push/check?channel=production&current_bundle=0", key, b"200"),
+            (f"{project}/ota/bundles", token, b"200"),
+            (f"{project}/ota/bundles", {}, b"401"),
+            (f"{project}/ota/channels", token, b"200"),
+            (f"{project}/audit", token, b"200"),
+        ]
+        for path, headers, status in cases:
+            received = _head_then_get(server.base_url, path, headers)
+            _assert_head_is_get_without_body(received, status)
+        # The check's HEAD offers what its GET offers.
+        assert b'"download_url"' in _head_then_get(server.base_url, cases[2][0], key)
+
+
+def test_head_is_counted_as_head_under_its_route_and_allow_names_it(
+    client: httpx.Client, project: Project
+) -> None:
+    response = client.head(project.path("/bundles"), headers=project.auth)
+    assert response.status_code == 200
+    assert response.content == b""
+    assert int(response.headers["content-length"]) == len(
+        client.get(project.path("/bundles"), headers=project.auth).content
+    )
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200
+    head = 'koolbase_ota_requests_total{method="HEAD",route="/v1/projects/{project_id}/ota/bundles"'
+    assert head in metrics.text
+    # A 405 lists HEAD wherever GET is allowed; a route without GET still refuses HEAD.
+    refused = client.post(project.path("/bundles"), headers=project.auth)
+    assert refused.status_code == 405
+    assert sorted(refused.headers["allow"].split(", ")) == ["GET", "HEAD"]
+    assert refused.json()["code"] == "method_not_allowed"
+    upload_head = client.head(project.path("/upload"), headers=project.auth)
+    assert upload_head.status_code == 405
+    assert upload_head.headers["allow"] == "POST"
 
 
 def test_metrics_count_requests_by_route_errors_and_uploads(

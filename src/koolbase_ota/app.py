@@ -23,7 +23,7 @@ from koolbase_ota.config import Settings
 from koolbase_ota.db import Database, create_db_engine
 from koolbase_ota.deps import AppContext
 from koolbase_ota.error_handlers import install_error_handlers
-from koolbase_ota.ops import MetricsMiddleware
+from koolbase_ota.ops import HeadAsGetMiddleware, MetricsMiddleware
 from koolbase_ota.ops import router as ops_router
 from koolbase_ota.projects.router import router as channels_router
 from koolbase_ota.ratelimit import RateLimits
@@ -148,6 +148,7 @@ def create_app(settings: Settings) -> OTAApp:
     app.check_endpoint = CheckEndpoint(cache, extra_headers=check_headers(), limits=limits)
     app.code_push_endpoint = CodePushEndpoint(cache, extra_headers=check_headers(), limits=limits)
     install_error_handlers(app)
+    app.add_middleware(HeadAsGetMiddleware, routes=app.router.routes)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(MetricsMiddleware)
     origins = cors_origins(settings.cors_origins)

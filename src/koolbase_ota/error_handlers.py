@@ -50,7 +50,12 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     if exc.status_code == 404 and message == "Not Found":
         message = "no such route"
-    return error_response(exc.status_code, message.lower(), code, dict(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    allow = [method.strip() for method in headers.get("Allow", "").split(",")]
+    if exc.status_code == 405 and "GET" in allow and "HEAD" not in allow:
+        # Every route with GET answers HEAD too (`ops.HeadAsGetMiddleware`).
+        headers["Allow"] = ", ".join([*allow, "HEAD"])
+    return error_response(exc.status_code, message.lower(), code, headers)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:

@@ -1,4 +1,5 @@
-"""Operations: `/healthz`, `/readyz`, Prometheus `/metrics`, and the middleware that counts."""
+"""Operations: `/healthz`, `/readyz`, Prometheus `/metrics`, the middleware that counts, and
+HEAD for every GET route."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client import multiprocess as prometheus_multiprocess
 from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from koolbase_ota.deps import ContextDep
@@ -61,12 +63,6 @@ async def readyz(context: ContextDep) -> JSONResponse:
     )
 
 
-# HEAD as GET, without the body: monitors that probe with HEAD (some uptime services do by
-# default) got 405 and reported the server down. Left out of the OpenAPI document.
-router.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
-router.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
-
-
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(context: ContextDep) -> Response:
     context.check_cache.flush_tallies()
@@ -107,3 +103,48 @@ class MetricsMiddleware:
             method = scope["method"] if scope["method"] in _METHODS else "other"
             REQUESTS.labels(method, template, str(status)).inc()
             LATENCY.labels(method, template).observe(time.perf_counter() - started)
+
+
+class HeadAsGetMiddleware:
+    """HEAD of a route that has GET and no HEAD of its own is answered as that GET without its
+    body: the same status and headers, `Content-Length` included (RFC 9110 9.3.2: every
+    general-purpose server supports HEAD). FastAPI's routes have only the methods they name,
+    so monitors that probe with HEAD (some uptime services do by default) got 405 from
+    `/healthz`, the checks and every dashboard read. Downloads keep their own HEAD, which
+    opens no file. Innermost, so the metrics count the request as HEAD, under its route.
+    """
+
+    def __init__(self, app: ASGIApp, routes: list[BaseRoute]) -> None:
+        self.app = app
+        #: The app's routes, the same list the router reads: routes added later count too.
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD" or not self._get_only(scope):
+            await self.app(scope, receive, send)
+            return
+        as_get = {**scope, "method": "GET"}
+
+        async def send_head(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        try:
+            await self.app(as_get, receive, send_head)
+        finally:
+            # The router marks the scope it is given with the route (for the metrics).
+            if "route" in as_get:
+                scope["route"] = as_get["route"]
+
+    def _get_only(self, scope: Scope) -> bool:
+        """Whether a route answers GET at this path and none answers HEAD."""
+        as_get = {**scope, "method": "GET"}
+        has_get = False
+        for route in self.routes:
+            if route.matches(scope)[0] is Match.FULL:
+                return False
+            has_get = has_get or route.matches(as_get)[0] is Match.FULL
+        return has_get
