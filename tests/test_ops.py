@@ -3,6 +3,7 @@ never carry a secret."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -12,8 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
 
 from koolbase_ota.logs import RedactingFilter, logging_config
+from koolbase_ota.ops import HeadAsGetMiddleware
 from tests.conftest import Project, RunningServer, make_zip, new_project, released, start_server
 from tests.services import PostgresService, SeaweedService
 from tests.test_cli import create_project
@@ -301,3 +305,32 @@ def test_serve_warns_when_s3_is_set_up_but_the_store_is_local(tmp_path: Path) ->
     with serving(tmp_path / "other", "s3-unset") as server:
         log = server.log()
     assert "KOOLBASE_OTA_S3_ENDPOINT" not in log
+
+
+def test_head_as_get_sends_no_file_a_get_route_would_send() -> None:
+    """A GET route that hands the server a file (ASGI's zerocopysend or pathsend) answers HEAD
+    with the headers and an empty body: the file is never passed on."""
+
+    async def sends_file(scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["method"] == "GET"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await send({"type": "http.response.zerocopysend", "file": None, "more_body": True})
+        await send({"type": "http.response.pathsend", "path": "/etc/hostname"})
+
+    route = Route("/file", sends_file, methods=["GET"])
+    route.methods = {"GET"}  # as FastAPI's routes: no HEAD of their own
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "HEAD", "path": "/file", "headers": [], "root_path": ""}
+    asyncio.run(HeadAsGetMiddleware(sends_file, [route])(scope, receive, send))
+    assert sent == [
+        {"type": "http.response.start", "status": 200, "headers": []},
+        {"type": "http.response.body", "body": b"", "more_body": False},
+    ]

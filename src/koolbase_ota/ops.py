@@ -126,7 +126,9 @@ class HeadAsGetMiddleware:
         as_get = {**scope, "method": "GET"}
 
         async def send_head(message: Message) -> None:
-            if message["type"] == "http.response.body":
+            # The start as it is; of what follows (a body, or a file the server would send:
+            # ASGI's zerocopysend and pathsend), only the end, empty.
+            if message["type"] != "http.response.start":
                 if message.get("more_body", False):
                     return
                 message = {"type": "http.response.body", "body": b"", "more_body": False}
