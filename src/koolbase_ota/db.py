@@ -103,22 +103,43 @@ def _create_db_engine(url: str, *, timeout_seconds: float, connections: int | No
         )
         _configure_sqlite(engine)
         return engine
-    return create_engine(
+    engine = create_engine(
         url,
         pool_pre_ping=True,
         pool_timeout=timeout_seconds,
         **_pool(most=connections or 30, idle=10),
         connect_args={
             "connect_timeout": max(1, int(timeout_seconds)),
-            # A statement that hangs fails after the timeout rather than holding a request forever.
-            "options": f"-c statement_timeout={int(timeout_seconds * 1000)}",
+            # No server-side prepared statements (psycopg prepares a statement run five times
+            # on a connection): behind a pooler in transaction mode (PgBouncer before 1.21, or
+            # without `max_prepared_statements`) the next transaction may run on a server
+            # connection that has not got it, or has another client's of the same name.
+            "prepare_threshold": None,
         },
     )
+    _configure_postgres(engine, statement_timeout_ms=int(timeout_seconds * 1000))
+    return engine
 
 
 def _pool(*, most: int, idle: int) -> dict[str, int]:
     """A pool that opens at most `most` connections and keeps up to `idle` of them open."""
     return {"pool_size": min(most, idle), "max_overflow": most - min(most, idle)}
+
+
+def _configure_postgres(engine: Engine, *, statement_timeout_ms: int) -> None:
+    @event.listens_for(engine, "connect", insert=True)
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # A statement that hangs fails after the timeout rather than holding a request forever.
+        # Set once a connection is open, not sent with the connection's start-up parameters
+        # (`options=-c statement_timeout=...`): PgBouncer refuses every connection that sends
+        # a start-up parameter it does not track, and no connection could be made through it.
+        autocommit = dbapi_connection.autocommit
+        dbapi_connection.autocommit = True
+        try:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute(f"SET statement_timeout = {statement_timeout_ms}")
+        finally:
+            dbapi_connection.autocommit = autocommit
 
 
 def _configure_sqlite(engine: Engine) -> None:
