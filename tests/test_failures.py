@@ -289,3 +289,40 @@ def test_postgres_stopping_between_storing_and_recording_leaves_only_a_record_fo
         assert pending_paths(server) == {}
         assert server.stored_keys() == set()
         assert uploaded(client, project)["version"] == 2
+
+
+def test_a_frozen_postgres_fails_requests_with_503_instead_of_holding_them(
+    tmp_path: Path, own_postgres: PostgresService
+) -> None:
+    """Frozen with SIGSTOP: its sockets stay open and its kernel takes every byte, but nothing
+    answers, as a host cut off by a network that drops its packets, or a pooler that queues.
+    The statement timeout is the server's own, so a request on a connection already open
+    waited until the database came back: `/readyz`, the dashboard and cold checks hung."""
+    settings = {"database_url": own_postgres.create_database(), "database_timeout_seconds": 1}
+    with running(tmp_path, **settings) as (server, client):
+        project = new_project(server.db)
+        released(client, project)
+        check = "/v1/sdk/ota/check?version=0"
+        # Open connections in every pool, for the requests below to hang on.
+        for _ in range(3):
+            assert client.get(project.path("/bundles"), headers=project.auth).status_code == 200
+            assert client.get(check, headers=project.key()).status_code == 200
+            assert client.get("/readyz").status_code == 200
+        own_postgres.pause()
+        try:
+            ready = client.get("/readyz", timeout=30)
+            listed = client.get(project.path("/bundles"), headers=project.auth, timeout=30)
+            cold = client.get(check + "&channel=staging", headers=project.key(), timeout=30)
+            warm = client.get(check, headers=project.key(), timeout=30)
+        finally:
+            own_postgres.resume()
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["database"] == "unavailable"
+        assert_error(listed, 503, "database_unavailable")
+        assert_error(cold, 503, "database_unavailable")
+        assert warm.status_code == 200
+        assert warm.json()["version"] == 1
+        # The connections given up were closed; new ones serve once it is back.
+        eventually(lambda: client.get("/readyz").status_code == 200, "ready again", within=30)
+        assert client.get(project.path("/bundles"), headers=project.auth).status_code == 200
+        assert client.get(check + "&channel=staging", headers=project.key()).status_code == 200

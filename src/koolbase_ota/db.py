@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ def _create_db_engine(url: str, *, timeout_seconds: float, connections: int | No
             "prepare_threshold": None,
         },
     )
-    _configure_postgres(engine, statement_timeout_ms=int(timeout_seconds * 1000))
+    _configure_postgres(engine, timeout_seconds=timeout_seconds)
     return engine
 
 
@@ -126,9 +127,20 @@ def _pool(*, most: int, idle: int) -> dict[str, int]:
     return {"pool_size": min(most, idle), "max_overflow": most - min(most, idle)}
 
 
-def _configure_postgres(engine: Engine, *, statement_timeout_ms: int) -> None:
+#: How much longer than the statement timeout a connection waits for the server's answer:
+#: a server that is up answers a statement it cancels well within it.
+ANSWER_GRACE_SECONDS = 2.0
+
+
+def _configure_postgres(engine: Engine, *, timeout_seconds: float) -> None:
+    import psycopg
+
+    statement_timeout_ms = int(timeout_seconds * 1000)
+    answer_timeout = timeout_seconds + ANSWER_GRACE_SECONDS
+
     @event.listens_for(engine, "connect", insert=True)
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        _answer_within(dbapi_connection, answer_timeout, psycopg)
         # A statement that hangs fails after the timeout rather than holding a request forever.
         # Set once a connection is open, not sent with the connection's start-up parameters
         # (`options=-c statement_timeout=...`): PgBouncer refuses every connection that sends
@@ -140,6 +152,34 @@ def _configure_postgres(engine: Engine, *, statement_timeout_ms: int) -> None:
                 cursor.execute(f"SET statement_timeout = {statement_timeout_ms}")
         finally:
             dbapi_connection.autocommit = autocommit
+
+
+def _answer_within(connection: Any, seconds: float, psycopg: Any) -> None:
+    """Make the psycopg `connection` wait for the server's answer at most `seconds`.
+
+    The statement timeout is the server's: a server that does not answer at all (frozen, or
+    cut off by a network that drops its packets, as in a failover, or a pooler queueing the
+    connection) held a request, a check's lookup or `/readyz` until it came back, however long.
+    Every wait of a connection for the server goes through its `wait` (connecting has its own
+    `connect_timeout`); the one that runs out closes the connection, whose state is then
+    unknown, SQLAlchemy drops it from the pool, and the request fails with 503 as for a
+    database that is down. (A COMMIT abandoned so may have been written: as for a connection
+    that drops before its answer, which the bundle routes already allow for.)
+    """
+    wait = type(connection).wait
+    this: weakref.ref[Any] = weakref.ref(connection)  # no cycle: a dropped one is freed
+
+    def wait_for_an_answer(gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+        connection: Any = this()  # alive: it is what calls this
+        try:
+            return wait(connection, gen, interval, seconds if timeout is None else timeout)
+        except psycopg.errors._WaitTimeout:
+            connection.pgconn.finish()
+            raise psycopg.OperationalError(
+                "the database did not answer in time; the connection was closed"
+            ) from None
+
+    connection.wait = wait_for_an_answer
 
 
 def _configure_sqlite(engine: Engine) -> None:
