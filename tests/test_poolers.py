@@ -113,3 +113,18 @@ def test_no_statement_is_prepared_on_the_server(postgres: PostgresService) -> No
             assert prepared.scalar_one() == 0
     finally:
         engine.dispose()
+
+
+def test_a_wait_given_its_own_timeout_is_left_to_psycopg(postgres: PostgresService) -> None:
+    """Only the waits psycopg gives no timeout are bounded: `notifies(timeout=...)` ends its
+    wait on that timeout, and the connection stays open."""
+    engine = create_db_engine(postgres.create_database(), timeout_seconds=10)
+    try:
+        with engine.connect() as connection:
+            dbapi_connection = connection.connection.dbapi_connection
+            assert dbapi_connection is not None
+            assert list(dbapi_connection.notifies(timeout=0.2)) == []
+            assert not dbapi_connection.closed
+            assert connection.execute(text("SELECT 1")).scalar_one() == 1
+    finally:
+        engine.dispose()

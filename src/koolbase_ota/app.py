@@ -157,7 +157,7 @@ def create_app(settings: Settings) -> OTAApp:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=origins,
-            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_methods=["GET", "HEAD", "POST", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
             expose_headers=["X-Next-Cursor", "Link"],
             max_age=600,

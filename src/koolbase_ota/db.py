@@ -155,24 +155,29 @@ def _configure_postgres(engine: Engine, *, timeout_seconds: float) -> None:
 
 
 def _answer_within(connection: Any, seconds: float, psycopg: Any) -> None:
-    """Make the psycopg `connection` wait for the server's answer at most `seconds`.
+    """Make the psycopg `connection` wait at most `seconds` for the server's answer.
 
     The statement timeout is the server's: a server that does not answer at all (frozen, or
     cut off by a network that drops its packets, as in a failover, or a pooler queueing the
     connection) held a request, a check's lookup or `/readyz` until it came back, however long.
     Every wait of a connection for the server goes through its `wait` (connecting has its own
-    `connect_timeout`); the one that runs out closes the connection, whose state is then
-    unknown, SQLAlchemy drops it from the pool, and the request fails with 503 as for a
+    `connect_timeout`). The one that runs out closes the connection, whose state is then
+    unknown; SQLAlchemy drops it from the pool, and the request fails with 503 as for a
     database that is down. (A COMMIT abandoned so may have been written: as for a connection
-    that drops before its answer, which the bundle routes already allow for.)
+    that drops before its answer, which the bundle routes already allow for.) One wait is one
+    statement's answer, or a batch's that psycopg sends at once (`executemany`: the server
+    answers it whole at its end), so a batch must finish within `seconds` too. A wait given
+    a timeout of its own (psycopg's `notifies`) is psycopg's, as it was.
     """
     wait = type(connection).wait
     this: weakref.ref[Any] = weakref.ref(connection)  # no cycle: a dropped one is freed
 
     def wait_for_an_answer(gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
         connection: Any = this()  # alive: it is what calls this
+        if timeout is not None:
+            return wait(connection, gen, interval, timeout)
         try:
-            return wait(connection, gen, interval, seconds if timeout is None else timeout)
+            return wait(connection, gen, interval, seconds)
         except psycopg.errors._WaitTimeout:
             connection.pgconn.finish()
             raise psycopg.OperationalError(
