@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -326,3 +327,41 @@ def test_a_frozen_postgres_fails_requests_with_503_instead_of_holding_them(
         eventually(lambda: client.get("/readyz").status_code == 200, "ready again", within=30)
         assert client.get(project.path("/bundles"), headers=project.auth).status_code == 200
         assert client.get(check + "&channel=staging", headers=project.key()).status_code == 200
+
+
+def test_a_check_waits_for_a_frozen_postgres_at_most_its_timeout_queue_included(
+    tmp_path: Path, own_postgres: PostgresService
+) -> None:
+    """Cold checks of 40 different keys at once: the 4 lookup threads each take a lookup, whose
+    wait for the frozen database is bounded, and the rest queue. Each check waited for the
+    lookups ahead of it in turn (10 rounds of 3 s here, and of 12 s at the default timeout,
+    past the SDK's own 10 s); it now answers 503 once the database timeout has passed."""
+    settings = {"database_url": own_postgres.create_database(), "database_timeout_seconds": 1}
+    keys = [f"pk_live_{n:024d}" for n in range(40)]
+    with running(tmp_path, **settings) as (server, client):
+        project = new_project(server.db)
+        released(client, project)
+        check = "/v1/sdk/ota/check?version=0"
+        assert client.get(check, headers={"x-api-key": keys[0]}).status_code == 401
+        assert client.get(check, headers=project.key()).status_code == 200  # cached
+        own_postgres.pause()
+        try:
+            with ThreadPoolExecutor(len(keys)) as pool:
+                answers = list(
+                    pool.map(
+                        lambda key: client.get(check, headers={"x-api-key": key}, timeout=15),
+                        keys[1:],
+                    )
+                )
+            warm = client.get(check, headers=project.key(), timeout=15)
+        finally:
+            own_postgres.resume()
+        for answer in answers:
+            assert_error(answer, 503, "database_unavailable")
+        assert warm.status_code == 200
+        # Unknown keys are still learnt once the database answers.
+        eventually(
+            lambda: client.get(check, headers={"x-api-key": keys[1]}).status_code == 401,
+            "the key looked up again",
+            within=60,
+        )

@@ -101,6 +101,7 @@ def create_app(settings: Settings) -> OTAApp:
         store=store,
         url_ttl_seconds=settings.url_ttl_seconds,
         signing_key=settings.secret_key,
+        answer_within_seconds=settings.database_timeout_seconds,
     )
 
     @asynccontextmanager

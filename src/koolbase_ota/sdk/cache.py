@@ -10,8 +10,9 @@ polls it every `refresh_seconds`. When the database is down, cached entries keep
 Cold lookups, the poll and the readiness probe run in worker threads and on database
 connections of their own (`LOOKUP_THREADS`, `CHECK_CONNECTIONS`), not the dashboard's:
 dashboard requests that hold all of theirs (writes waiting on a locked table) delay none of
-them. A table the checks read themselves, locked, still holds up cold checks; warm ones answer
-from the cache.
+them. A table the checks read themselves, locked, still holds up cold checks, each for at most
+the database timeout (`answer_within_seconds`, its wait for a lookup thread included), then
+503; warm ones answer from the cache.
 """
 
 from __future__ import annotations
@@ -313,9 +314,12 @@ class CheckCache:
         store: BundleStore,
         url_ttl_seconds: int,
         signing_key: str = "",
+        answer_within_seconds: float | None = None,
     ) -> None:
         #: The checks' own connections: at most `CHECK_CONNECTIONS` are used at once.
         self.db = db
+        #: The longest a check waits for what it needs from the database (None: no bound).
+        self.answer_within_seconds = answer_within_seconds
         self.store = store
         self.url_ttl_seconds = url_ttl_seconds
         #: Keys the code-push answer's `signature` (see `signature()`).

@@ -7,6 +7,7 @@ The FastAPI route below documents the endpoint in OpenAPI and answers through th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -382,7 +383,13 @@ class CheckEndpoint:
         if limited is not None:
             return limited
         try:
-            status, body, hit, error = await self.respond(api_key, parse_query(raw_query))
+            # At most the database timeout, queueing for a lookup thread included: with the
+            # database slow to answer (a locked table, a host that does not answer) the lookups
+            # of other keys and channels ahead in the queue each took up to the timeout, and a
+            # check waited for them in turn. Its lookup goes on, and fills the cache.
+            status, body, hit, error = await asyncio.wait_for(
+                self.respond(api_key, parse_query(raw_query)), self.cache.answer_within_seconds
+            )
         except Exception:
             # A cold entry and a database that is down: the one case with no answer to give.
             return 503, _UNAVAILABLE, False, "database_unavailable", None
