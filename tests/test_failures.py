@@ -365,3 +365,25 @@ def test_a_check_waits_for_a_frozen_postgres_at_most_its_timeout_queue_included(
             "the key looked up again",
             within=60,
         )
+
+
+def test_readiness_probes_at_once_each_answer_503_within_the_timeout(
+    tmp_path: Path, own_postgres: PostgresService
+) -> None:
+    """Load balancers and orchestrators probe `/readyz` side by side. On a frozen database the
+    probes queued for the one thread `/readyz` reads with, each waiting out the read before it:
+    the eighth of eight answered after eight waits (19 s at a 1 s timeout, 96 s at the
+    default). They share the read in flight now, and each answers 503 after the timeout."""
+    settings = {"database_url": own_postgres.create_database(), "database_timeout_seconds": 1}
+    with running(tmp_path, **settings) as (_server, client):
+        assert client.get("/readyz").status_code == 200
+        own_postgres.pause()
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(lambda _n: client.get("/readyz", timeout=8), range(8)))
+        finally:
+            own_postgres.resume()
+        for answer in answers:
+            assert answer.status_code == 503
+            assert answer.json()["checks"]["database"] == "unavailable"
+        eventually(lambda: client.get("/readyz").status_code == 200, "ready again", within=30)
