@@ -338,8 +338,6 @@ class CheckCache:
         #: The loads in flight, by (kind of entry, key).
         self.loading: dict[tuple[str, object], _Flight] = {}
         self._threads: _Threads | None = None
-        #: The readiness probe's read in flight, which probes at once share.
-        self._pinging: asyncio.Task[None] | None = None
         self.tally = RouteTally(CHECK_ROUTE)
         self.code_push_tally = RouteTally(CODE_PUSH_ROUTE)
         #: Downloads sent by this server (the embedded default's signed URLs).
@@ -356,7 +354,10 @@ class CheckCache:
         load: Callable[[], V],
         *,
         keep: Callable[[V], bool] = lambda _value: True,
+        limiter: anyio.CapacityLimiter | None = None,
     ) -> V:
+        """`entries[key]`, else `load()` run once in a worker thread (of `limiter`, by default
+        the lookups') for every caller missing it at the same time."""
         try:
             return entries[key]
         except KeyError:
@@ -365,9 +366,8 @@ class CheckCache:
         name = (kind, key)
         flight = self.loading.get(name)
         if flight is None or flight.generation != self.generation or flight.loop is not loop:
-            flight = _Flight(
-                self.generation, loop, loop.create_task(self._load(entries, key, load, keep))
-            )
+            loading = self._load(entries, key, load, keep, limiter)
+            flight = _Flight(self.generation, loop, loop.create_task(loading))
             self.loading[name] = flight
             flight.task.add_done_callback(lambda _task: self._landed(name, flight))
         # Shielded: a check that gives up (its client left) does not cancel the others' load.
@@ -375,10 +375,15 @@ class CheckCache:
         return value
 
     async def _load(
-        self, entries: dict[K, V], key: K, load: Callable[[], V], keep: Callable[[V], bool]
+        self,
+        entries: dict[K, V],
+        key: K,
+        load: Callable[[], V],
+        keep: Callable[[V], bool],
+        limiter: anyio.CapacityLimiter | None,
     ) -> V:
         generation = self.generation
-        value = await anyio.to_thread.run_sync(load, limiter=self.threads().lookups)
+        value = await anyio.to_thread.run_sync(load, limiter=limiter or self.threads().lookups)
         # Loaded across an invalidation: the database may have changed between our read and
         # now, so answer with it but do not keep it.
         if generation == self.generation and keep(value):
@@ -585,25 +590,19 @@ class CheckCache:
         """Read the database on the checks' pool, in a thread of its own: cold lookups stuck on
         a locked table do not make a process whose database answers look unready.
 
-        Probes at once share the read in flight, and each waits for it at most the database
-        timeout: on a database that does not answer they queued for the one thread, and the
-        eighth of eight probes answered after eight waits.
+        Probes at once share the read in flight (a lookup that keeps nothing), and each waits
+        for it at most the database timeout: on a database that does not answer they queued
+        for the one thread, and the eighth of eight probes answered after eight waits.
         """
 
         def select_one() -> None:
             with self.db.read() as session:
                 session.execute(text("SELECT 1"))
 
-        loop = asyncio.get_running_loop()
-        pinging = self._pinging
-        if pinging is None or pinging.done() or pinging.get_loop() is not loop:
-            pinging = loop.create_task(
-                anyio.to_thread.run_sync(select_one, limiter=self.threads().ping)
-            )
-            # Retrieved here, for when every probe waiting on it has given up.
-            pinging.add_done_callback(lambda task: task.cancelled() or task.exception())
-            self._pinging = pinging
-        await asyncio.wait_for(asyncio.shield(pinging), self.answer_within_seconds)
+        probe = self._lookup(
+            "ping", {}, None, select_one, keep=lambda _read: False, limiter=self.threads().ping
+        )
+        await asyncio.wait_for(probe, self.answer_within_seconds)
 
     async def refresh(self, *, via: Database | None = None) -> None:
         """Apply every change logged since the last refresh.
