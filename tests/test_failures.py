@@ -18,9 +18,11 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from koolbase_ota.bundles.models import Bundle
+from koolbase_ota.storage.signing import signed_path
 from tests.api.test_bundles import pending_paths
 from tests.api.test_upload import files_under
 from tests.conftest import (
@@ -329,6 +331,14 @@ def test_a_frozen_postgres_fails_requests_with_503_instead_of_holding_them(
         assert client.get(check + "&channel=staging", headers=project.key()).status_code == 200
 
 
+def checks_at_once(client: httpx.Client, check: str, keys: list[str]) -> list[httpx.Response]:
+    """`check` with each of `keys`, all at once."""
+    with ThreadPoolExecutor(len(keys)) as pool:
+        return list(
+            pool.map(lambda key: client.get(check, headers={"x-api-key": key}, timeout=15), keys)
+        )
+
+
 def test_a_check_waits_for_a_frozen_postgres_at_most_its_timeout_queue_included(
     tmp_path: Path, own_postgres: PostgresService
 ) -> None:
@@ -346,13 +356,7 @@ def test_a_check_waits_for_a_frozen_postgres_at_most_its_timeout_queue_included(
         assert client.get(check, headers=project.key()).status_code == 200  # cached
         own_postgres.pause()
         try:
-            with ThreadPoolExecutor(len(keys)) as pool:
-                answers = list(
-                    pool.map(
-                        lambda key: client.get(check, headers={"x-api-key": key}, timeout=15),
-                        keys[1:],
-                    )
-                )
+            answers = checks_at_once(client, check, keys[1:])
             warm = client.get(check, headers=project.key(), timeout=15)
         finally:
             own_postgres.resume()
@@ -387,3 +391,79 @@ def test_readiness_probes_at_once_each_answer_503_within_the_timeout(
             assert answer.status_code == 503
             assert answer.json()["checks"]["database"] == "unavailable"
         eventually(lambda: client.get("/readyz").status_code == 200, "ready again", within=30)
+
+
+def lookups(client: httpx.Client, kind: str) -> dict[str, float]:
+    """`koolbase_ota_check_lookups_total` of `kind` by result, from `/metrics`."""
+    counts = {"loaded": 0.0, "failed": 0.0, "abandoned": 0.0}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "koolbase_ota_check_lookups_total" and sample.labels["kind"] == kind:
+                counts[sample.labels["result"]] += sample.value
+    return counts
+
+
+def test_lookups_every_check_gave_up_on_are_dropped_not_run_later(
+    tmp_path: Path, own_postgres: PostgresService
+) -> None:
+    """Cold checks of 40 keys on a frozen database answer 503 after the timeout; the lookups
+    of the 36 that had no thread yet stayed queued, each to take its database timeout in turn
+    (a flood of invented keys piled them up for as long as the outage lasted), and then all
+    ran at once when it came back. Now a lookup nobody waits for any more is dropped."""
+    settings = {"database_url": own_postgres.create_database(), "database_timeout_seconds": 1}
+    keys = [f"pk_live_{n:024d}" for n in range(40)]
+    with running(tmp_path, **settings) as (_server, client):
+        check = "/v1/sdk/ota/check?version=0"
+        assert client.get(check, headers={"x-api-key": keys[0]}).status_code == 401
+        before = lookups(client, "key")
+        own_postgres.pause()
+        try:
+            answers = checks_at_once(client, check, keys[1:])
+            during = lookups(client, "key")
+        finally:
+            own_postgres.resume()
+        for answer in answers:
+            assert_error(answer, 503, "database_unavailable")
+        dropped = during["abandoned"] - before["abandoned"]
+        ran = sum(during.values()) - sum(before.values()) - dropped
+        # The 4 lookup threads took 4; a thread freed by a failed lookup may take one more
+        # before its checks give up. The rest never reach the database.
+        assert dropped >= len(answers) - 8
+        assert dropped + ran <= len(answers)
+        # Each key is looked up again by its next check.
+        eventually(
+            lambda: client.get(check, headers={"x-api-key": keys[1]}).status_code == 401,
+            "the key looked up again",
+            within=30,
+        )
+        after = lookups(client, "key")
+        assert after["abandoned"] == during["abandoned"]
+
+
+def test_cold_downloads_on_a_frozen_postgres_answer_503_after_one_wait(
+    tmp_path: Path, own_postgres: PostgresService
+) -> None:
+    """A download whose bundle's checksum this process has not read yet looks it up on the
+    checks' lookup threads. On a frozen database it waited for the lookups queued ahead of it
+    without a bound, and a failed lookup was made again by the route it fell back to: 11 at
+    once took over 6 s each at a 1 s timeout. Each now answers 503 after the timeout, as a
+    cold check does, and downloads whose checksum is cached go on."""
+    settings = {"database_url": own_postgres.create_database(), "database_timeout_seconds": 1}
+    with running(tmp_path, **settings) as (server, client):
+        project = new_project(server.db)
+        stored = [uploaded(client, project)["storage_path"] for _ in range(12)]
+        secret = server.settings.secret_key
+        urls = [signed_path(secret, path, ttl_seconds=600) for path in stored]
+        assert client.get(urls[0]).status_code == 200  # its checksum is cached now
+        own_postgres.pause()
+        try:
+            with ThreadPoolExecutor(len(urls)) as pool:
+                answers = list(pool.map(lambda url: client.get(url, timeout=6), urls[1:]))
+            warm = client.get(urls[0], timeout=6)
+        finally:
+            own_postgres.resume()
+        for answer in answers:
+            assert_error(answer, 503, "database_unavailable")
+        assert warm.status_code == 200
+        assert len(warm.content) == int(warm.headers["content-length"])
+        eventually(lambda: client.get(urls[1]).status_code == 200, "downloads again", within=30)

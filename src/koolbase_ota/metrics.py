@@ -18,6 +18,12 @@ LATENCY = Histogram(
 CHECK_CACHE = Counter(
     "koolbase_ota_check_cache_total", "Update checks by cache outcome.", ["result"]
 )
+CHECK_LOOKUPS = Counter(
+    "koolbase_ota_check_lookups_total",
+    "Database reads of the checks' cache (kind: key, channel, download, ping) by outcome:"
+    " loaded, failed, or abandoned (every request awaiting it gave up before it ran).",
+    ["kind", "result"],
+)
 UPLOADS = Counter("koolbase_ota_uploads_total", "Bundle uploads by outcome.", ["result"])
 UPLOAD_BYTES = Counter("koolbase_ota_upload_bytes_total", "Bytes of bundles stored.")
 ERRORS = Counter("koolbase_ota_errors_total", "Error answers by code.", ["code"])

@@ -25,7 +25,13 @@ from koolbase_ota.allocator import reuse_freed_memory
 from koolbase_ota.app import OTAApp, create_app
 from koolbase_ota.config import Settings
 from koolbase_ota.sdk.check import CheckEndpoint
-from koolbase_ota.sdk.downloads import answer_headers, count_download, served_plan
+from koolbase_ota.sdk.downloads import (
+    REFUSAL,
+    Plan,
+    answer_headers,
+    count_download,
+    served_plan,
+)
 from koolbase_ota.storage.signing import DOWNLOAD_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -62,12 +68,16 @@ class RSGIApp:
             if endpoint is not None:
                 await endpoint.rsgi(scope, protocol)
                 return
-            if path.startswith(DOWNLOAD_PREFIX) and await self._send_file(scope, protocol):
+            if path.startswith(DOWNLOAD_PREFIX):
+                left = await self._send_file(scope, protocol)
+                if left is not None:
+                    await _bridge(self.app, scope, protocol, left)
                 return
         await _bridge(self.app, scope, protocol)
 
-    async def _send_file(self, scope: Any, protocol: Any) -> bool:
-        """Sends a valid download's file or range from Rust; False leaves it to the app.
+    async def _send_file(self, scope: Any, protocol: Any) -> dict[str, Any] | None:
+        """Sends a valid download's file or range from Rust (None); else what the ASGI scope
+        of the request left to the app needs besides (a refusal, for the route to raise).
 
         What `served_plan` leaves to the app is answered by it, exactly as on ASGI.
         """
@@ -83,7 +93,9 @@ class RSGIApp:
             origin="origin" in headers,
         )
         if plan is None:
-            return False
+            return {}
+        if not isinstance(plan, Plan):
+            return {REFUSAL: plan}
         status, answer = answer_headers(plan)
         if plan.span is None:
             protocol.response_file(status, answer, str(plan.path))
@@ -91,7 +103,7 @@ class RSGIApp:
             start, end = plan.span
             protocol.response_file_range(status, answer, str(plan.path), start, end)
         count_download(context.check_cache, status, started)
-        return True
+        return None
 
 
 def _address(text: str) -> tuple[str, int] | None:
@@ -102,8 +114,10 @@ def _address(text: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
-async def _bridge(app: OTAApp, scope: Any, protocol: Any) -> None:
-    """One request through the ASGI app: RSGI's scope and protocol as ASGI's."""
+async def _bridge(
+    app: OTAApp, scope: Any, protocol: Any, extra: dict[str, Any] | None = None
+) -> None:
+    """One request through the ASGI app: RSGI's scope and protocol as ASGI's (with `extra`)."""
     # granian hands over the path percent-decoded, as ASGI's `path`; decoding it again read
     # `%2541` as `A`. The raw bytes are gone: `raw_path` is the path encoded again.
     path: str = scope.path
@@ -125,6 +139,7 @@ async def _bridge(app: OTAApp, scope: Any, protocol: Any) -> None:
         "server": _address(scope.server),
         "extensions": {"http.response.pathsend": {}},
         "state": {},
+        **(extra or {}),
     }
     receive = _Receiver(protocol)
     sender = _Sender(protocol)

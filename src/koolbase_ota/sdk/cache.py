@@ -37,7 +37,7 @@ from koolbase_ota.bundles import targeting
 from koolbase_ota.bundles.models import Bundle
 from koolbase_ota.bundles.targeting import VersionKey
 from koolbase_ota.db import Database
-from koolbase_ota.metrics import RouteTally
+from koolbase_ota.metrics import CHECK_LOOKUPS, RouteTally
 from koolbase_ota.projects import service as projects
 from koolbase_ota.projects.models import Channel
 from koolbase_ota.sdk import service as sdk_service
@@ -303,7 +303,11 @@ class _Flight:
 
     generation: int
     loop: asyncio.AbstractEventLoop
-    task: asyncio.Task[Any]
+    task: asyncio.Task[Any] = field(init=False)
+    #: The checks awaiting it now.
+    waiters: int = 0
+    #: A thread has taken it: it runs to its end, and fills the cache, awaited or not.
+    started: bool = False
 
 
 class CheckCache:
@@ -366,24 +370,55 @@ class CheckCache:
         name = (kind, key)
         flight = self.loading.get(name)
         if flight is None or flight.generation != self.generation or flight.loop is not loop:
-            loading = self._load(entries, key, load, keep, limiter)
-            flight = _Flight(self.generation, loop, loop.create_task(loading))
+            flight = _Flight(self.generation, loop)
+            loading = self._load(name, entries, load, keep, limiter, flight)
+            flight.task = loop.create_task(loading)
             self.loading[name] = flight
             flight.task.add_done_callback(lambda _task: self._landed(name, flight))
-        # Shielded: a check that gives up (its client left) does not cancel the others' load.
-        value: V = await asyncio.shield(flight.task)
+        flight.waiters += 1
+        try:
+            # Shielded: a check that gives up (its client left, its wait ran out) does not
+            # cancel the others' load.
+            value: V = await asyncio.shield(flight.task)
+        finally:
+            flight.waiters -= 1
+            if not flight.waiters and not flight.started and not flight.task.done():
+                self._abandon(name, flight)
         return value
+
+    def _abandon(self, name: tuple[str, object], flight: _Flight) -> None:
+        """Drops a load every check awaiting it gave up on before a thread took it.
+
+        With the database not answering, the lookups of checks that had answered 503 long
+        before still queued for the threads, one database timeout each, as many as cold keys
+        and channels had come in (a flood of invented keys, a whole fleet after a restart).
+        """
+        if self.loading.get(name) is flight:
+            del self.loading[name]  # the next check of it starts a load of its own
+        flight.task.cancel()
+        CHECK_LOOKUPS.labels(name[0], "abandoned").inc()
 
     async def _load(
         self,
+        name: tuple[str, K],
         entries: dict[K, V],
-        key: K,
         load: Callable[[], V],
         keep: Callable[[V], bool],
         limiter: anyio.CapacityLimiter | None,
+        flight: _Flight,
     ) -> V:
-        generation = self.generation
-        value = await anyio.to_thread.run_sync(load, limiter=limiter or self.threads().lookups)
+        generation, key = self.generation, name[1]
+
+        def run() -> V:
+            flight.started = True
+            return load()
+
+        try:
+            value = await anyio.to_thread.run_sync(run, limiter=limiter or self.threads().lookups)
+        except Exception:
+            CHECK_LOOKUPS.labels(name[0], "failed").inc()
+            raise
+        CHECK_LOOKUPS.labels(name[0], "loaded").inc()
         # Loaded across an invalidation: the database may have changed between our read and
         # now, so answer with it but do not keep it.
         if generation == self.generation and keep(value):

@@ -386,7 +386,8 @@ class CheckEndpoint:
             # At most the database timeout, queueing for a lookup thread included: with the
             # database slow to answer (a locked table, a host that does not answer) the lookups
             # of other keys and channels ahead in the queue each took up to the timeout, and a
-            # check waited for them in turn. Its lookup goes on, and fills the cache.
+            # check waited for them in turn. Its lookup, once a thread has taken it, goes on
+            # and fills the cache (see `CheckCache._abandon`).
             status, body, hit, error = await asyncio.wait_for(
                 self.respond(api_key, parse_query(raw_query)), self.cache.answer_within_seconds
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import os
@@ -19,7 +20,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from koolbase_ota.bundles.schemas import ErrorOut
 from koolbase_ota.deps import AppContext, ContextDep
-from koolbase_ota.errors import Forbidden, NotFound, RangeNotSatisfiable
+from koolbase_ota.errors import DatabaseUnavailable, Forbidden, NotFound, RangeNotSatisfiable
 from koolbase_ota.sdk.cache import CheckCache
 from koolbase_ota.security import check_headers
 from koolbase_ota.storage import ObjectNotFound
@@ -29,6 +30,9 @@ from koolbase_ota.storage.signing import DOWNLOAD_PREFIX, verify
 router = APIRouter(tags=["sdk"])
 
 _SECURITY_HEADERS = [(name.decode(), value.decode()) for name, value in check_headers()]
+
+#: The scope's entry holding a refusal `served_plan` found, for the route to raise.
+REFUSAL = "koolbase_ota.download_refusal"
 
 _MESSAGES = {
     "invalid_signature": "invalid download URL signature",
@@ -50,6 +54,9 @@ _MESSAGES = {
     summary="Download a bundle through a signed URL (embedded default only)",
 )
 async def download(key: str, request: Request, context: ContextDep) -> Response:
+    refusal = request.scope.get(REFUSAL)
+    if refusal is not None:
+        raise refusal  # found in front of the framework (`served_plan`): not looked up again
     range_header = request.headers.get("range")
     if_range = request.headers.get("if-range")
     plan = await plan_download(
@@ -177,7 +184,12 @@ async def plan_download(
     refusal = verify(context.settings.secret_key, DOWNLOAD_PREFIX + key, query)
     if refusal is not None:
         raise Forbidden(_MESSAGES[refusal], code=refusal)
-    checksum = await context.check_cache.checksum_of(key)
+    cache = context.check_cache
+    try:
+        # As a cold check: at most the database timeout, its turn for a lookup thread included.
+        checksum = await asyncio.wait_for(cache.checksum_of(key), cache.answer_within_seconds)
+    except TimeoutError:
+        raise DatabaseUnavailable("the database is unavailable; try again") from None
     try:
         path = store.path_for(key)
         stat = os.stat(path)
@@ -288,11 +300,12 @@ async def served_plan(
     range_header: str | None,
     if_range: bool,
     origin: bool,
-) -> Plan | None:
+) -> Plan | Exception | None:
     """The plan of a download the server sends itself, in front of the framework; None leaves
-    the request to the route. Refusals, several-part ranges, If-Range and CORS requests go
-    there, which renders them (its JSON errors, its 503 on a cold lookup with the database
-    down) the same on every interface."""
+    the request to the route. Several-part ranges, If-Range and CORS requests go there, and
+    so do refusals (the exception returned): the route raises it, not looking the bundle up
+    again, and renders it (its JSON errors, its 503 with the database down) the same on every
+    interface. Looked up twice, a download waited for a database that does not answer twice."""
     if origin and context.settings.cors_origins.strip():
         return None
     try:
@@ -303,8 +316,8 @@ async def served_plan(
             range_header=range_header,
             if_range=if_range,
         )
-    except Exception:
-        return None
+    except Exception as refusal:
+        return refusal
     return None if plan.other_range else plan
 
 
@@ -330,7 +343,9 @@ async def send_download(context: AppContext, scope: Scope, send: Send) -> bool:
         if_range=if_range,
         origin=origin,
     )
-    if plan is None:
+    if not isinstance(plan, Plan):
+        if plan is not None:
+            scope[REFUSAL] = plan
         return False
     status, headers = answer_headers(plan)
     start, end = plan.span if plan.span is not None else (0, plan.stat.st_size)
