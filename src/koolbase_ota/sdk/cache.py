@@ -461,14 +461,23 @@ class CheckCache:
         )
 
     async def checksum_of(self, storage_path: str) -> str | None:
-        """The checksum of the bundle stored at `storage_path`, or None once it is deleted."""
-        return await self._lookup(
+        """The checksum of the bundle stored at `storage_path`, or None once it is deleted.
+
+        Not cached, it is read within the database timeout, as a cold check's entries are
+        (raises TimeoutError after it); a cached one is a dict read, with no task or timer.
+        """
+        try:
+            return self.downloads[storage_path]
+        except KeyError:
+            pass
+        lookup = self._lookup(
             "download",
             self.downloads,
             storage_path,
             lambda: sdk_service.checksum_at(self.db, storage_path=storage_path),
             keep=lambda found: found is not None,  # a deleted bundle must stay gone
         )
+        return await asyncio.wait_for(lookup, self.answer_within_seconds)
 
     def signature(self, checksum: str) -> str:
         """`hmac-sha256:` + hex HMAC-SHA-256 of the checksum under the server's secret key.

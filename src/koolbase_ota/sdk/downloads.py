@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import os
@@ -184,10 +183,8 @@ async def plan_download(
     refusal = verify(context.settings.secret_key, DOWNLOAD_PREFIX + key, query)
     if refusal is not None:
         raise Forbidden(_MESSAGES[refusal], code=refusal)
-    cache = context.check_cache
     try:
-        # As a cold check: at most the database timeout, its turn for a lookup thread included.
-        checksum = await asyncio.wait_for(cache.checksum_of(key), cache.answer_within_seconds)
+        checksum = await context.check_cache.checksum_of(key)
     except TimeoutError:
         raise DatabaseUnavailable("the database is unavailable; try again") from None
     try:
