@@ -7,6 +7,7 @@ Commands that do not depend on each other still run side by side.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as dt
 import hashlib
@@ -25,7 +26,8 @@ from typing import Any
 
 import pytest
 
-from koolbase_ota.config import load_or_create_secret_key
+from koolbase_ota import cli
+from koolbase_ota.config import Settings, load_or_create_secret_key
 from tests import cli_zygote
 from tests.cli_zygote import CONSOLE_SCRIPT
 
@@ -348,3 +350,42 @@ def test_a_bad_setting_is_named_without_its_value(tmp_path: Path) -> None:
     assert result.stderr.startswith("error: invalid configuration: KOOLBASE_OTA_SECRET_KEY")
     assert secret not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("host", "expected", "warned"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8091", False),
+        ("10.1.2.3", "http://10.1.2.3:8091", False),
+        ("::1", "http://[::1]:8091", False),
+        ("0.0.0.0", "http://127.0.0.1:8091", True),
+        ("::", "http://127.0.0.1:8091", True),
+    ],
+)
+def test_serve_without_a_public_url_takes_the_address_served_on(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    host: str,
+    expected: str,
+    warned: bool,
+) -> None:
+    """What `serve --host HOST --port 8091` hands its workers (in the environment) and signs
+    download URLs with when `KOOLBASE_OTA_PUBLIC_URL` is unset; on every address, a warning
+    that the default reaches this machine only."""
+    # Set through monkeypatch first, so that what `serve` sets itself is undone at the end.
+    monkeypatch.setenv("KOOLBASE_OTA_PUBLIC_URL", "http://undone")
+    for name in [name for name in os.environ if name.upper().startswith("KOOLBASE_OTA_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("KOOLBASE_OTA_DATA_DIR", str(tmp_path))
+    args = argparse.Namespace(host=host, port=8091)
+    settings = cli._served_public_url(args, Settings().resolved())
+    assert settings.public_url == expected
+    assert os.environ["KOOLBASE_OTA_PUBLIC_URL"] == expected
+    assert Settings().public_url == expected  # as a worker reads it
+    assert ("KOOLBASE_OTA_PUBLIC_URL is not set" in caplog.text) is warned
+    # Set, it is left as it is.
+    monkeypatch.setenv("KOOLBASE_OTA_PUBLIC_URL", "https://ota.example.com")
+    chosen = cli._served_public_url(args, Settings().resolved())
+    assert chosen.public_url == "https://ota.example.com"
+    assert os.environ["KOOLBASE_OTA_PUBLIC_URL"] == "https://ota.example.com"

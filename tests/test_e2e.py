@@ -85,15 +85,19 @@ def launch(
     *options: str,
     env: dict[str, str] | None = None,
     preexec_fn: Callable[[], None] | None = None,
+    public_url: bool = True,
 ) -> Server:
     """Start `koolbase-ota serve` on a free port of 127.0.0.1 without waiting for it.
 
     `env` adds settings (a PostgreSQL URL, an S3 store) to the process's environment;
-    `preexec_fn` runs in the child before `serve` starts.
+    `preexec_fn` runs in the child before `serve` starts; without `public_url`, the
+    environment does not set `KOOLBASE_OTA_PUBLIC_URL`.
     """
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    env = cli_env(data_dir, KOOLBASE_OTA_PUBLIC_URL=base_url, **(env or {}))
+    env = cli_env(data_dir, **(env or {}))
+    if public_url:
+        env["KOOLBASE_OTA_PUBLIC_URL"] = base_url
     log_path = data_dir.parent / f"{log_name}.stderr.log"
     command = [str(CONSOLE_SCRIPT), "serve", "--host", "127.0.0.1", "--port", str(port), *options]
     with open(log_path, "wb") as stderr, open(log_path.with_suffix(".stdout"), "wb") as stdout:
@@ -105,10 +109,14 @@ def launch(
 
 @contextlib.contextmanager
 def serving(
-    data_dir: Path, log_name: str, *options: str, env: dict[str, str] | None = None
+    data_dir: Path,
+    log_name: str,
+    *options: str,
+    env: dict[str, str] | None = None,
+    public_url: bool = True,
 ) -> Iterator[Server]:
     """`koolbase-ota serve` on a free port of 127.0.0.1, answering, stopped at the end."""
-    server = launch(data_dir, log_name, *options, env=env)
+    server = launch(data_dir, log_name, *options, env=env, public_url=public_url)
     try:
         wait_until_answering(server)
         yield server
@@ -386,6 +394,32 @@ def test_two_workers_serve_a_project_made_with_the_cli(tmp_path: Path) -> None:
     while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+
+
+def test_without_a_public_url_downloads_point_at_the_port_served_on(tmp_path: Path) -> None:
+    """`KOOLBASE_OTA_PUBLIC_URL`'s default was fixed at port 8080: served on another port
+    (`make run PORT=8091`), every download URL pointed at 8080, where nothing answered, or
+    another server refused it (403). Unset, it now follows the address and port served on,
+    in every worker."""
+    with serving(tmp_path / "data", "port", "--workers", "2", public_url=False) as server:
+        credentials = server.credentials()
+        project = f"/v1/projects/{credentials['project_id']}/ota"
+        token = auth(credentials["dashboard_token"])
+        bundle_zip = make_zip()
+        with httpx.Client(base_url=server.base_url, timeout=10) as http:
+            files = {"bundle": ("bundle.zip", bundle_zip, "application/zip")}
+            bundle = http.post(project + "/upload", headers=token, files=files).json()
+            activated = http.post(project + f"/bundles/{bundle['id']}/activate", headers=token)
+            assert activated.status_code == 200, activated.text
+            key = {"x-api-key": credentials["public_keys"]["production"]}
+            offers = [http.get("/v1/sdk/ota/check?version=0", headers=key) for _ in range(8)]
+            urls = {offer.json()["download_url"] for offer in offers}
+            # Each worker signs its own URLs; both point here, and both download the bundle.
+            assert all(url.startswith(server.base_url + "/v1/downloads/") for url in urls), urls
+            for url in urls:
+                downloaded = httpx.get(url, timeout=10)
+                assert downloaded.status_code == 200, downloaded.text
+                assert downloaded.content == bundle_zip
 
 
 def test_serve_raises_its_open_file_limit_to_the_hard_one(tmp_path: Path) -> None:

@@ -62,3 +62,5 @@ def test_readme_walkthrough_runs_verbatim(server: RunningServer, tmp_path: Path)
     check = json.loads((tmp_path / "check.json").read_text())
     assert check["has_update"] is True
     assert check["checksum"] == bundle["checksum"]
+    # The file with the dashboard token is the reader's alone.
+    assert (tmp_path / "my-app.json").stat().st_mode & 0o777 == 0o600

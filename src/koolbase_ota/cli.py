@@ -138,8 +138,33 @@ def ensure_default_project(settings: Settings, db: Database) -> Path | None:
         return path
 
 
+#: Addresses that mean "every address of this machine" when served on.
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+
+
+def _served_public_url(args: argparse.Namespace, settings: Settings) -> Settings:
+    """`settings` with the public URL at the address and port served on, unless it is set.
+
+    Its default was fixed at port 8080: served on another port (`make run PORT=8091`), the
+    download URLs handed out pointed at port 8080, which answered nothing, or another
+    server's 403. The workers read it from the environment, so it is set there too.
+    """
+    if "public_url" in settings.model_fields_set:
+        return settings
+    host = "127.0.0.1" if args.host in _WILDCARD_HOSTS else args.host
+    public_url = f"http://{f'[{host}]' if ':' in host else host}:{args.port}"
+    os.environ["KOOLBASE_OTA_PUBLIC_URL"] = public_url
+    if args.host in _WILDCARD_HOSTS and settings.storage_url.startswith("file:"):
+        logger.warning(
+            "KOOLBASE_OTA_PUBLIC_URL is not set: the download URLs handed out point at %s, "
+            "which only this machine reaches; set it to the address devices use",
+            public_url,
+        )
+    return settings.model_copy(update={"public_url": public_url})
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
-    settings = _settings()
+    settings = _served_public_url(args, _settings())
     if settings.s3_endpoint and not settings.storage_url.startswith("s3://"):
         # A deployment that set up its bucket but not the storage URL would otherwise keep
         # every bundle on this machine's disk without a word.
