@@ -186,6 +186,10 @@ BAD_PATCHES = [
     ({"rollout_percentage": True}, "invalid_rollout_percentage"),
     ({"rollout_percentage": None}, "invalid_rollout_percentage"),
     ({"platform": "ios", "mandatory": "yes"}, "invalid_mandatory"),
+    # Beside other fields null toggled the flag: a client sending the whole object back with
+    # its targeting cleared flipped it on every save.
+    ({"platform": None, "mandatory": None}, "invalid_mandatory"),
+    ({"rollout_percentage": 20, "mandatory": None}, "invalid_mandatory"),
     ({"platform": "ios", "colour": "red"}, "invalid_body"),
 ]
 

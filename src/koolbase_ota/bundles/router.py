@@ -253,7 +253,7 @@ async def recall_bundle(bundle_id: str, dashboard: DashboardDep, context: Contex
     description='`{"mandatory": true|false}` sets the flag and an empty body (or `{}`) toggles '
     "it, as in the seed API. `platform`, `min_app_version`, `max_app_version` (null clears "
     "one) and `rollout_percentage` change who the bundle reaches; a body with only those "
-    "leaves the mandatory flag alone.",
+    "leaves the mandatory flag alone, and beside them `mandatory` must be true or false.",
     openapi_extra={
         "requestBody": {
             "required": False,

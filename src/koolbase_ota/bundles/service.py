@@ -495,8 +495,13 @@ def update_bundle(
             fields["rollout_percentage"]
         )
     mandatory = fields.get("mandatory")
-    if mandatory is not None and not isinstance(mandatory, bool):
-        raise InvalidInput("mandatory must be true or false", code="invalid_mandatory")
+    if "mandatory" in fields and not isinstance(mandatory, bool):
+        # Beside other fields, null toggled the flag: a client that sends the whole object
+        # back with its targeting cleared (null) flipped it on every save.
+        raise InvalidInput(
+            "mandatory must be true or false (leave it out to keep the flag as it is)",
+            code="invalid_mandatory",
+        )
     with db.write() as session:
         bundle = _locked_bundle(session, project_id=project_id, bundle_id=bundle_id)
         targeting.check_range(
