@@ -495,13 +495,15 @@ def update_bundle(
             fields["rollout_percentage"]
         )
     mandatory = fields.get("mandatory")
-    if "mandatory" in fields and not isinstance(mandatory, bool):
+    if mandatory is None and "mandatory" in fields:
         # Beside other fields, null toggled the flag: a client that sends the whole object
         # back with its targeting cleared (null) flipped it on every save.
         raise InvalidInput(
             "mandatory must be true or false (leave it out to keep the flag as it is)",
             code="invalid_mandatory",
         )
+    if mandatory is not None and not isinstance(mandatory, bool):
+        raise InvalidInput("mandatory must be true or false", code="invalid_mandatory")
     with db.write() as session:
         bundle = _locked_bundle(session, project_id=project_id, bundle_id=bundle_id)
         targeting.check_range(
@@ -528,7 +530,7 @@ def update_bundle(
                 target=str(bundle.id),
                 details={"channel": bundle.channel, "version": bundle.version, **changed},
             )
-        if "mandatory" in fields:
+        if mandatory is not None:
             _set_mandatory(session, bundle, mandatory=mandatory, actor=actor)
     return bundle
 
