@@ -219,6 +219,39 @@ def test_more_form_fields_than_the_bound_is_400(
     assert accepted.status_code == 201, accepted.text
 
 
+def file_part(name: str, value: bytes) -> tuple[str, bytes]:
+    return f'Content-Disposition: form-data; name="{name}"; filename="{name}.zip"', value
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        pytest.param([file_part("file", make_zip())], id="the-bundle-misnamed"),
+        pytest.param([bundle_part(), file_part("attachment", make_zip())], id="another-file"),
+    ],
+)
+def test_a_file_in_another_field_than_the_bundle_is_named_in_the_400(
+    client: httpx.Client, project: Project, server: RunningServer, parts: list[tuple[str, bytes]]
+) -> None:
+    """`-F file=@bundle.zip` was read as a text field: 400 "form field 'file' is not valid
+    UTF-8" (or "too long"), which says nothing of the field the bundle goes in."""
+    before = snapshot(client, project, server)
+    response = post_form(client, project, form(*parts))
+    assert_error(response, 400, "unexpected_file")
+    assert "'bundle'" in response.json()["error"]
+    assert_nothing_stored(client, project, server, before)
+
+
+def test_text_fields_sent_as_files_are_read_as_text(client: httpx.Client, project: Project) -> None:
+    """`-F release_notes=@notes.txt` sends a file part: its text is the field's value."""
+    notes = ("Notes from a file \u00e9\n" * 3).encode()
+    parts = [bundle_part(), file_part("release_notes", notes), file_part("channel", b"staging")]
+    response = post_form(client, project, form(*parts))
+    assert response.status_code == 201, response.text
+    assert response.json()["release_notes"] == notes.decode()
+    assert response.json()["channel"] == "staging"
+
+
 @pytest.mark.parametrize(
     ("name", "size"),
     [

@@ -26,6 +26,10 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from koolbase_ota.errors import InvalidInput, OTAError, PayloadTooLarge, UnsupportedMediaType
 
 BUNDLE_FIELD = "bundle"
+#: The form's text fields (`bundles.service.upload_bundle` reads them).
+TEXT_FIELDS = frozenset(
+    {"channel", "mandatory", "release_notes", "platform", "min_app_version", "max_app_version"}
+)
 _FEED_BYTES = 1024 * 1024
 #: The form has four fields; a few more (a client's own extras) are tolerated and ignored.
 MAX_PARTS = 16
@@ -128,6 +132,13 @@ class _FormReader:
         if disposition != b"form-data" or b"name" not in options:
             raise InvalidInput("form part without a field name", code="invalid_multipart")
         name = _decode(options[b"name"], "form field name")
+        if b"filename" in options and name != BUNDLE_FIELD and name not in TEXT_FIELDS:
+            # A file under another name (`-F file=@bundle.zip`) was read as a text field, and
+            # refused as one: "form field 'file' is not valid UTF-8".
+            raise InvalidInput(
+                f"form field {name!r} is a file: the bundle goes in the 'bundle' field",
+                code="unexpected_file",
+            )
         if name in self.staged.fields or (name == BUNDLE_FIELD and self._file is not None):
             raise InvalidInput(f"form field {name!r} given twice", code="duplicate_field")
         if name == BUNDLE_FIELD:
