@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from koolbase_ota.bundles.models import Bundle
+from koolbase_ota.sdk.cache import DOWNLOAD_ROUTE
 from koolbase_ota.storage.signing import signed_path
 from tests.api.test_bundles import pending_paths
 from tests.api.test_upload import files_under
@@ -467,3 +468,41 @@ def test_cold_downloads_on_a_frozen_postgres_answer_503_after_one_wait(
         assert warm.status_code == 200
         assert len(warm.content) == int(warm.headers["content-length"])
         eventually(lambda: client.get(urls[1]).status_code == 200, "downloads again", within=30)
+
+
+def download_latency(client: httpx.Client) -> tuple[float, float]:
+    """(count, sum) of the download route's GET latency, from `/metrics`."""
+    count = total = 0.0
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            labels = sample.labels
+            if labels.get("route") != DOWNLOAD_ROUTE or labels.get("method") != "GET":
+                continue
+            if sample.name == "koolbase_ota_request_duration_seconds_count":
+                count += sample.value
+            elif sample.name == "koolbase_ota_request_duration_seconds_sum":
+                total += sample.value
+    return count, total
+
+
+def test_a_download_refused_in_front_of_the_framework_is_timed_from_its_arrival(
+    tmp_path: Path, own_postgres: PostgresService
+) -> None:
+    """A download's lookup happens in front of the framework, and a refusal is raised by the
+    route, whose metrics started their clock only then: a 503 after the database timeout was
+    recorded as taking 25 ms (found by review, helper-37)."""
+    settings = {"database_url": own_postgres.create_database(), "database_timeout_seconds": 1}
+    with running(tmp_path, **settings) as (server, client):
+        project = new_project(server.db)
+        stored = uploaded(client, project)["storage_path"]
+        url = signed_path(server.settings.secret_key, stored, ttl_seconds=600)
+        before = download_latency(client)
+        own_postgres.pause()
+        try:
+            answer = client.get(url, timeout=10)
+        finally:
+            own_postgres.resume()
+        assert_error(answer, 503, "database_unavailable")
+        count, total = download_latency(client)
+        assert count - before[0] == 1  # counted once
+        assert total - before[1] >= 0.9  # the database timeout, waited in front

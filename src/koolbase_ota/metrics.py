@@ -18,6 +18,10 @@ LATENCY = Histogram(
 CHECK_CACHE = Counter(
     "koolbase_ota_check_cache_total", "Update checks by cache outcome.", ["result"]
 )
+#: The scope's entry holding when (`time.perf_counter()`) a request passed on to the app was
+#: received in front of it, where it may have waited for the database already: the app's
+#: metrics time it from then.
+RECEIVED = "koolbase_ota.received"
 CHECK_LOOKUPS = Counter(
     "koolbase_ota_check_lookups_total",
     "Database reads of the checks' cache (kind: key, channel, download, ping) by outcome:"

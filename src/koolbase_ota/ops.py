@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from koolbase_ota.deps import ContextDep
 from koolbase_ota.errors import OTAError
-from koolbase_ota.metrics import LATENCY, REQUESTS
+from koolbase_ota.metrics import LATENCY, RECEIVED, REQUESTS
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["operations"])
@@ -86,7 +86,7 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
+        started = scope.get(RECEIVED) or time.perf_counter()
         status = 500
 
         async def send_and_record(message: Message) -> None:

@@ -24,6 +24,7 @@ from urllib.parse import quote
 from koolbase_ota.allocator import reuse_freed_memory
 from koolbase_ota.app import OTAApp, create_app
 from koolbase_ota.config import Settings
+from koolbase_ota.metrics import RECEIVED
 from koolbase_ota.sdk.check import CheckEndpoint
 from koolbase_ota.sdk.downloads import (
     REFUSAL,
@@ -93,9 +94,9 @@ class RSGIApp:
             origin="origin" in headers,
         )
         if plan is None:
-            return {}
+            return {RECEIVED: started}
         if not isinstance(plan, Plan):
-            return {REFUSAL: plan}
+            return {RECEIVED: started, REFUSAL: plan}
         status, answer = answer_headers(plan)
         if plan.span is None:
             protocol.response_file(status, answer, str(plan.path))

@@ -20,6 +20,7 @@ from starlette.types import Message, Receive, Scope, Send
 from koolbase_ota.bundles.schemas import ErrorOut
 from koolbase_ota.deps import AppContext, ContextDep
 from koolbase_ota.errors import DatabaseUnavailable, Forbidden, NotFound, RangeNotSatisfiable
+from koolbase_ota.metrics import RECEIVED
 from koolbase_ota.sdk.cache import CheckCache
 from koolbase_ota.security import check_headers
 from koolbase_ota.storage import ObjectNotFound
@@ -341,6 +342,7 @@ async def send_download(context: AppContext, scope: Scope, send: Send) -> bool:
         origin=origin,
     )
     if not isinstance(plan, Plan):
+        scope[RECEIVED] = started
         if plan is not None:
             scope[REFUSAL] = plan
         return False
