@@ -148,12 +148,17 @@ def test_version_defaults_to_0(client: httpx.Client, project: Project) -> None:
     assert response.json()["version"] == bundle["version"]
 
 
-@pytest.mark.parametrize("version", ["-1", "1.5", "abc", "", " ", "1e3", "0x1", "+1", "1 ", "٣"])
+@pytest.mark.parametrize(
+    "version", ["-1", "1.5", "abc", "", " ", "1e3", "0x1", "+1", "1 ", "٣", "9" * 19]
+)
 def test_a_version_that_is_not_a_non_negative_integer_is_400(
     client: httpx.Client, project: Project, version: str
 ) -> None:
     released(client, project)
-    assert_error(check(client, project, version=version), 400, "invalid_version")
+    response = check(client, project, version=version)
+    assert_error(response, 400, "invalid_version")
+    # The bound is named (a 19-digit version was refused as "not a non-negative integer").
+    assert "at most 18 digits" in response.json()["error"]
 
 
 # Answers

@@ -326,7 +326,10 @@ def test_bad_mandatory_is_refused(
     client: httpx.Client, project: Project, server: RunningServer, value: str
 ) -> None:
     before = snapshot(client, project, server)
-    assert_error(upload(client, project, mandatory=value), 400, "invalid_mandatory")
+    response = upload(client, project, mandatory=value)
+    assert_error(response, 400, "invalid_mandatory")
+    # What is accepted is named: 1/0 and yes/no are, beside true/false.
+    assert "yes/no" in response.json()["error"]
     assert_nothing_stored(client, project, server, before)
 
 

@@ -44,7 +44,7 @@ def parse_bool(value: str, *, field: str) -> bool:
         return True
     if lowered in _FALSE:
         return False
-    raise InvalidInput(f"{field} must be true or false", code=f"invalid_{field}")
+    raise InvalidInput(f"{field} must be true or false (or 1/0, yes/no)", code=f"invalid_{field}")
 
 
 def _later(previous: dt.datetime) -> dt.datetime:

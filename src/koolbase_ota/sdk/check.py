@@ -54,7 +54,10 @@ _UNAVAILABLE = _error("the database is unavailable; try again", "database_unavai
 _ERRORS = {
     "missing_api_key": (401, _error("missing x-api-key header", "missing_api_key")),
     "invalid_api_key": (401, _error("invalid API key", "invalid_api_key")),
-    "invalid_version": (400, _error("version must be a non-negative integer", "invalid_version")),
+    "invalid_version": (
+        400,
+        _error("version must be a non-negative integer of at most 18 digits", "invalid_version"),
+    ),
     "invalid_channel": (400, _error("unknown channel", "invalid_channel")),
     "invalid_app_version": (
         400,
@@ -76,7 +79,10 @@ _ERRORS = {
     ),
     "invalid_current_bundle": (
         400,
-        _error("current_bundle must be a non-negative integer", "invalid_current_bundle"),
+        _error(
+            "current_bundle must be a non-negative integer of at most 18 digits",
+            "invalid_current_bundle",
+        ),
     ),
 }
 _RATE_LIMITED = _error("too many requests; retry later", "rate_limited")
