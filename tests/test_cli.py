@@ -234,6 +234,10 @@ def test_token_create_list_and_revoke(tmp_path: Path) -> None:
     for token_id in [created["token_id"], *states]:
         assert token_id in plain.stdout
     assert "revoked" in plain.stdout
+    # When each expires: the one made with --expires-in, and the first (never).
+    lines = {line.split()[0]: line for line in plain.stdout.splitlines()}
+    assert lines[created["token_id"]].endswith(f"expires {created['expires_at']}")
+    assert all(lines[token_id].endswith("never expires") for token_id in states)
     assert created["dashboard_token"] not in plain.stdout + as_json.stdout
 
 

@@ -342,7 +342,11 @@ def cmd_token_list(args: argparse.Namespace) -> None:
         _print_json(rows)
         return
     for row in rows:
-        print(f"{row['token_id']}  {row['prefix']}  {row['state']}  created {row['created_at']}")
+        expires = f"expires {row['expires_at']}" if row["expires_at"] else "never expires"
+        print(
+            f"{row['token_id']}  {row['prefix']}  {row['state']}  created {row['created_at']}"
+            f"  {expires}"
+        )
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> None:
