@@ -643,3 +643,48 @@ def test_warm_answers_survive_a_database_outage(
             assert client.get(CHECK, headers=other.key()).status_code == 200
     finally:
         server.stop()
+
+
+def test_a_load_given_up_on_as_a_thread_takes_it_runs_in_full_or_not_at_all(
+    tmp_path: Path,
+) -> None:
+    """The last check giving up on a queued load and a thread taking it decide at once, the
+    first one winning: a thread that took a load just abandoned (its check's wait ran out a
+    moment before) ran it anyway, a fifth lookup on the checks' connections beside the four
+    threads' (found by review, helper-37). Both orders, as each side sees them."""
+    import asyncio
+
+    from koolbase_ota.db import create_db_engine
+    from koolbase_ota.sdk.cache import CheckCache
+
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'cache.db'}")
+    cache = CheckCache(
+        db=Database(engine),
+        store=LocalStore(tmp_path, public_url="http://127.0.0.1", secret_key="k"),
+        url_ttl_seconds=60,
+    )
+    ran: list[str] = []
+
+    def load(key: str) -> Callable[[], uuid.UUID]:
+        def run() -> uuid.UUID:
+            ran.append(key)
+            return uuid.UUID(int=1)
+
+        return run
+
+    async def both_orders() -> None:
+        loop = asyncio.get_running_loop()
+        given_up = cache_module._Flight(cache.generation, loop)
+        assert given_up.leave_queue("abandoned")  # the check gave up first
+        with pytest.raises(cache_module._Abandoned):
+            await cache._load(("key", "a"), cache.keys, load("a"), bool, None, given_up)
+        taken = cache_module._Flight(cache.generation, loop)
+        assert await cache._load(("key", "b"), cache.keys, load("b"), bool, None, taken)
+        assert not taken.leave_queue("abandoned")  # the thread took it first
+
+    try:
+        asyncio.run(both_orders())
+    finally:
+        engine.dispose()
+    assert ran == ["b"]
+    assert cache.keys == {"b": uuid.UUID(int=1)}

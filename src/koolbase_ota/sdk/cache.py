@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -306,8 +307,23 @@ class _Flight:
     task: asyncio.Task[Any] = field(init=False)
     #: The checks awaiting it now.
     waiters: int = 0
-    #: A thread has taken it: it runs to its end, and fills the cache, awaited or not.
-    started: bool = False
+    #: "queued", then "started" (a thread took it: it runs to its end, and fills the cache,
+    #: awaited or not) or "abandoned" (every check gave up first: it never runs).
+    state: str = "queued"
+    _deciding: threading.Lock = field(default_factory=threading.Lock)
+
+    def leave_queue(self, state: str) -> bool:
+        """Whether the load was still queued, and is now in `state` (the thread that takes it
+        and the last check giving up on it decide at once; the first one wins)."""
+        with self._deciding:
+            if self.state != "queued":
+                return False
+            self.state = state
+            return True
+
+
+class _Abandoned(Exception):
+    """Raised in the thread that took a load every check had given up on just before."""
 
 
 class CheckCache:
@@ -382,7 +398,7 @@ class CheckCache:
             value: V = await asyncio.shield(flight.task)
         finally:
             flight.waiters -= 1
-            if not flight.waiters and not flight.started and not flight.task.done():
+            if not flight.waiters and flight.leave_queue("abandoned"):
                 self._abandon(name, flight)
         return value
 
@@ -410,11 +426,14 @@ class CheckCache:
         generation, key = self.generation, name[1]
 
         def run() -> V:
-            flight.started = True
+            if not flight.leave_queue("started"):
+                raise _Abandoned
             return load()
 
         try:
             value = await anyio.to_thread.run_sync(run, limiter=limiter or self.threads().lookups)
+        except _Abandoned:
+            raise  # counted as such
         except Exception:
             CHECK_LOOKUPS.labels(name[0], "failed").inc()
             raise
