@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ import koolbase_ota.audit
 import koolbase_ota.bundles.models
 import koolbase_ota.changes
 import koolbase_ota.projects.models  # noqa: F401  (registers every table on the metadata)
-from koolbase_ota.db import Base, alembic_config, create_db_engine, upgrade_schema
+from koolbase_ota.db import SCHEMA_HEAD, Base, alembic_config, create_db_engine, upgrade_schema
 from tests.services import PostgresService
 
 AT = dt.datetime(2025, 3, 1, 12, 0, 0)  # naive UTC, as UTCDateTime stores it
@@ -208,3 +209,21 @@ def test_a_database_already_up_to_date_is_opened_without_alembic(
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_of_processes_migrating_at_once_only_the_one_that_did_says_so(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """Servers started together on a new database all logged "migrated the database to
+    revision ...", though only the first to hold the migration lock migrated it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from koolbase_ota.db import migration_lock
+
+    with ThreadPoolExecutor(3) as pool:
+        with migration_lock(engine, tmp_path):
+            # Each finds the schema behind, then waits for the lock held here.
+            starts = [pool.submit(upgrade_schema, engine, lock_dir=tmp_path) for _ in range(3)]
+            time.sleep(1)
+        revisions = [start.result(timeout=60) for start in starts]
+    assert sorted(revisions, key=str) == [SCHEMA_HEAD, None, None]

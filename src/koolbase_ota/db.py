@@ -339,5 +339,9 @@ def _upgrade_schema(engine: Engine, *, lock_dir: Path) -> str | None:
             " it, so run that one"
         )
     with migration_lock(engine, lock_dir), engine.begin() as connection:
+        # Processes started at once all found it behind, and each said it had migrated it:
+        # all but the first find it migrated once they hold the lock.
+        if MigrationContext.configure(connection).get_current_revision() == head:
+            return None
         command.upgrade(alembic_config(connection), "head")
     return head
