@@ -37,6 +37,7 @@ CHECK = "/v1/sdk/ota/check"
 def shared_backends(postgres: PostgresService, seaweed: SeaweedService) -> dict[str, str]:
     """The environment of processes that share one fresh PostgreSQL database and S3 prefix."""
     return {
+        "KOOLBASE_OTA_SECRET_KEY": "shared-" + "k" * 40,
         "KOOLBASE_OTA_DATABASE_URL": postgres.create_database(),
         "KOOLBASE_OTA_STORAGE_URL": f"s3://{seaweed.bucket}/{seaweed.unique_prefix()}",
         "KOOLBASE_OTA_S3_ENDPOINT": seaweed.endpoint,
@@ -119,6 +120,47 @@ def test_two_processes_behave_as_one_server(two_servers: tuple[Server, Server]) 
     assert deleted.status_code == 204
     eventually(lambda: _check(a.base_url, key).json() == {"has_update": False}, "delete")
     assert httpx.get(offer["download_url"], timeout=10).status_code == 404
+
+
+def test_processes_sign_alike_and_one_without_the_shared_key_says_so(
+    two_servers: tuple[Server, Server], shared_backends: dict[str, str], tmp_path: Path
+) -> None:
+    """Processes with a data dir each and no `KOOLBASE_OTA_SECRET_KEY` made a key each, and
+    signed the code-push answers each with its own, without a word (found by an operator's
+    walk-through of DEPLOYMENT.md, helper-39)."""
+    project = _project(two_servers)
+    channel = httpx.post(
+        f"{two_servers[0].base_url}/v1/projects/{project['project_id']}/ota/channels",
+        headers=auth(project["dashboard_token"]),
+        json={"name": "stable"},
+    )
+    assert channel.status_code == 201, channel.text
+    bundle = _upload(two_servers[0].base_url, project, channel="stable").json()
+    activated = httpx.post(
+        f"{two_servers[0].base_url}/v1/projects/{project['project_id']}/ota/bundles/"
+        f"{bundle['id']}/activate",
+        headers=auth(project["dashboard_token"]),
+    )
+    assert activated.status_code == 200, activated.text
+    key = {"x-api-key": project["public_keys"]["production"]}
+
+    def signature(server: Server) -> str | None:
+        url = f"{server.base_url}/v1/code-push/check?app_version=1.0.0&platform=ios"
+        answer: dict[str, Any] = httpx.get(url, headers=key, timeout=10).json()
+        found: str | None = answer.get("bundle", {}).get("signature")
+        return found
+
+    for server in two_servers:
+        eventually(partial(lambda s: signature(s) is not None, server), "the release")
+    assert signature(two_servers[0]) == signature(two_servers[1])
+    for server in two_servers:
+        assert "KOOLBASE_OTA_SECRET_KEY is not set" not in server.log()
+    # One without the key: it serves, signing with a key of its own, and says so.
+    alone = {name: value for name, value in shared_backends.items() if "SECRET_KEY" not in name}
+    with serving(_data_dir(tmp_path, "c"), "c", env=alone) as third:
+        assert signature(third) != signature(two_servers[0])
+        assert "KOOLBASE_OTA_SECRET_KEY is not set" in third.log()
+        assert str(third.data_dir.resolve() / "secret_key") in third.log()
 
 
 def test_key_rotation_and_token_revocation_reach_every_process(

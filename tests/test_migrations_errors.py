@@ -27,12 +27,22 @@ def test_a_database_a_newer_version_migrated_is_refused_in_one_line(tmp_path: Pa
         assert result.stderr.count("\n") == 1
 
 
-def test_an_unreachable_database_is_one_error_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("db", "upgrade"),
+        # It migrates before it listens: it exits, for a service manager to start it again
+        # (docs/DEPLOYMENT.md), and never binds the port.
+        ("serve", "--host", "127.0.0.1", "--port", "1"),
+    ],
+    ids=" ".join,
+)
+def test_an_unreachable_database_is_one_error_line(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
     (port,) = free_ports(1)  # nothing listens there
     url = f"postgresql://ota:hunter2secret@127.0.0.1:{port}/ota"
-    result = run_cli(
-        tmp_path, "db", "upgrade", env=cli_env(tmp_path, KOOLBASE_OTA_DATABASE_URL=url)
-    )
+    result = run_cli(tmp_path, *command, env=cli_env(tmp_path, KOOLBASE_OTA_DATABASE_URL=url))
     assert result.returncode == 1
     assert result.stderr.startswith("error: cannot use the database: connection failed")
     assert result.stderr.count("\n") == 1

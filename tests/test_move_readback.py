@@ -197,3 +197,19 @@ def test_an_object_the_store_kept_wrong_stops_the_move(tmp_path: Path, target: T
         " in the target store does not match the bundle's checksum, so no row was written; "
     )
     assert target.count("projects") == 0
+
+
+def test_a_move_may_keep_the_bundles_on_a_disk(tmp_path: Path, target: Target) -> None:
+    """`--storage-url file:///PATH`: PostgreSQL for the records, a directory (a disk of its
+    own, or one every process mounts) for the bundles, each read back from there."""
+    data_dir = tmp_path / "embedded"
+    _, bundles = embedded_install(data_dir, 2)
+    moved_to = tmp_path / "moved-bundles"
+    args = ["move", "--database-url", target.database_url, "--storage-url", moved_to.as_uri()]
+    moved = run_cli(data_dir, *args)
+    assert moved.returncode == 0, moved.stderr
+    assert moved.stdout.startswith("copied 2 bundle files; read back 2, each matching")
+    for bundle in bundles:
+        copied = (moved_to / bundle["storage_path"]).read_bytes()
+        assert "sha256:" + hashlib.sha256(copied).hexdigest() == bundle["checksum"]
+    assert target.count("bundles") == 2

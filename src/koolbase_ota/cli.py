@@ -24,8 +24,14 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from koolbase_ota import __version__, audit
 from koolbase_ota.clock import rfc3339
-from koolbase_ota.config import Settings
-from koolbase_ota.db import Database, create_db_engine, migration_lock, upgrade_schema
+from koolbase_ota.config import SECRET_KEY_FILE, Settings
+from koolbase_ota.db import (
+    Database,
+    create_db_engine,
+    is_sqlite,
+    migration_lock,
+    upgrade_schema,
+)
 from koolbase_ota.errors import OTAError
 from koolbase_ota.logs import ACCESS_LOG_FORMAT, logging_config, redact
 from koolbase_ota.projects import channels
@@ -138,6 +144,11 @@ def ensure_default_project(settings: Settings, db: Database) -> Path | None:
         return path
 
 
+def _set_in_environment(name: str) -> bool:
+    """Whether the variable is set (settings are read from it in any letter case)."""
+    return any(variable.upper() == name for variable in os.environ)
+
+
 #: Addresses that mean "every address of this machine" when served on.
 _WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 
@@ -175,6 +186,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
             settings.storage_url,
         )
     db = _database(settings, announce=True)
+    if not is_sqlite(db.engine) and not _set_in_environment("KOOLBASE_OTA_SECRET_KEY"):
+        # Processes each with a data dir of their own made a key each: every one signed the
+        # code-push answers (and embedded download URLs) with its own, without a word.
+        logger.warning(
+            "KOOLBASE_OTA_SECRET_KEY is not set: this process signs with the key in %s; "
+            "every process sharing this database must sign with the same key, so set it to "
+            "the same value in each",
+            settings.data_dir / SECRET_KEY_FILE,
+        )
     credentials = ensure_default_project(settings, db)
     if credentials is not None:
         logger.info("created project 'default'; its credentials are in %s", credentials)
@@ -839,7 +859,9 @@ def build_parser() -> argparse.ArgumentParser:
         "copy this install (its database and bundle files) to new, empty backends",
     )
     move.add_argument("--database-url", required=True, metavar="URL", help="postgresql://...")
-    move.add_argument("--storage-url", required=True, metavar="URL", help="s3://BUCKET[/PREFIX]")
+    move.add_argument(
+        "--storage-url", required=True, metavar="URL", help="s3://BUCKET[/PREFIX] or file:///PATH"
+    )
     move.add_argument("--s3-endpoint", metavar="URL", help="default: KOOLBASE_OTA_S3_ENDPOINT")
     move.add_argument("--s3-region", metavar="NAME", help="default: KOOLBASE_OTA_S3_REGION")
     return parser
