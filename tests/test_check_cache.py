@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import random
 import socket
 import threading
@@ -641,6 +642,32 @@ def test_warm_answers_survive_a_database_outage(
             assert cold.json()["code"] == "database_unavailable"
             own_postgres.start()
             assert client.get(CHECK, headers=other.key()).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_an_outage_is_logged_once_and_its_end_once(
+    own_postgres: PostgresService, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The change log is polled every 0.2 s: during an outage every failed poll was a warning,
+    five lines a second from every worker (found by an operator's walk-through, helper-39)."""
+    caplog.set_level(logging.WARNING, logger="koolbase_ota.sdk.cache")
+
+    def lines(text: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+    server = start_server(tmp_path, database_url=own_postgres.create_database())
+    try:
+        own_postgres.stop()
+        try:
+            eventually(lambda: len(lines("cache refresh failed")) == 1, "a failure", within=30)
+            time.sleep(2)  # ten more polls
+            assert len(lines("cache refresh failed")) == 1, lines("cache refresh failed")
+        finally:
+            own_postgres.start()
+        eventually(lambda: bool(lines("works again")), "the recovery", within=30)
+        (recovered,) = lines("works again")
+        assert int(recovered.split("after ")[1].split()[0]) >= 5
     finally:
         server.stop()
 

@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -62,6 +63,8 @@ ANSWER_REUSE_SECONDS = 1.0
 #: What a URL's expiry may lose to rounding: the embedded signer's `expires` and S3's
 #: `X-Amz-Date` are whole seconds, rounded down. Renewal is this much earlier still.
 EXPIRY_ROUNDING_SECONDS = 1.0
+#: While the change log cannot be read, a line about it at most this often.
+REFRESH_FAILURE_LOG_SECONDS = 60.0
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -693,7 +696,13 @@ class CheckCache:
             del self.applied[change_id]
 
     async def run(self, *, every_seconds: float) -> None:
-        """Refresh forever; a failing database leaves the cache as it is (stale if error)."""
+        """Refresh forever; a failing database leaves the cache as it is (stale if error).
+
+        A failure is logged once, then at most every `REFRESH_FAILURE_LOG_SECONDS` while they
+        go on, and the recovery once: at the default interval an outage logged five lines a
+        second from every worker.
+        """
+        failures, logged_at = 0, -math.inf
         while True:
             await asyncio.sleep(every_seconds)
             try:
@@ -705,6 +714,15 @@ class CheckCache:
             try:
                 await self.refresh()
             except Exception as exc:
-                logger.warning(
-                    "cache refresh failed, serving cached answers: %s", type(exc).__name__
-                )
+                failures += 1
+                if time.monotonic() - logged_at >= REFRESH_FAILURE_LOG_SECONDS:
+                    logged_at = time.monotonic()
+                    logger.warning(
+                        "cache refresh failed, serving cached answers: %s (%d failed in a row)",
+                        type(exc).__name__,
+                        failures,
+                    )
+            else:
+                if failures:
+                    logger.warning("cache refresh works again, after %d failed", failures)
+                failures, logged_at = 0, -math.inf
