@@ -152,11 +152,13 @@ def test_a_rerun_after_an_interrupted_move_reads_back_what_the_first_run_copied(
 
     assert moved.returncode == 0, moved.stderr
     assert moved.stdout.startswith(
-        "copied 1 bundle files (1 were already there); read back 2, each matching its checksum;"
+        "copied 1 bundle files (and 1 already there); read back 2, each matching its checksum;"
         " rows: "
     )
     assert target.count("projects") == 1
     assert target.count("bundles") == 2
+    # What to do next names the key the servers must sign with to keep the signatures.
+    assert str(data_dir.resolve() / "secret_key") in moved.stdout
 
 
 class KeepsOtherBytes:

@@ -691,11 +691,16 @@ def cmd_move(args: argparse.Namespace) -> None:
     copied = ", ".join(f"{count} {table}" for table, count in report.rows.items())
     print(f"copied {report.objects_copied} bundle files", end="")
     if report.objects_already_there:
-        print(f" ({report.objects_already_there} were already there)", end="")
+        print(f" (and {report.objects_already_there} already there)", end="")
     print(f"; read back {report.objects_verified}, each matching its checksum; rows: {copied}")
+    backends = "KOOLBASE_OTA_DATABASE_URL and KOOLBASE_OTA_STORAGE_URL"
+    if target.storage_url.startswith("s3://"):
+        backends += " (with the S3 endpoint, region and credentials)"
     print(
-        "done: point KOOLBASE_OTA_DATABASE_URL and KOOLBASE_OTA_STORAGE_URL at the new"
-        " backends and restart the servers; keys, tokens and versions are unchanged"
+        f"done: point {backends} at the new backends, set KOOLBASE_OTA_SECRET_KEY on every"
+        f" server to this install's key (in {source.data_dir / SECRET_KEY_FILE} unless it was"
+        " set) so that code-push signatures stay the same, and restart the servers; keys,"
+        " tokens and versions are unchanged"
     )
 
 
