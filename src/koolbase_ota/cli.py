@@ -149,8 +149,9 @@ def _set_in_environment(name: str) -> bool:
     return any(variable.upper() == name for variable in os.environ)
 
 
-#: Addresses that mean "every address of this machine" when served on.
-_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+#: Addresses that mean "every address of this machine" when served on, and the loopback
+#: address that answers there: uvicorn's one worker binds `::` as IPv6 only.
+_WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 
 
 def _served_public_url(args: argparse.Namespace, settings: Settings) -> Settings:
@@ -162,13 +163,14 @@ def _served_public_url(args: argparse.Namespace, settings: Settings) -> Settings
     """
     if "public_url" in settings.model_fields_set:
         return settings
-    host = "127.0.0.1" if args.host in _WILDCARD_HOSTS else args.host
+    host = _WILDCARD_HOSTS.get(args.host, args.host)
     public_url = f"http://{f'[{host}]' if ':' in host else host}:{args.port}"
     os.environ["KOOLBASE_OTA_PUBLIC_URL"] = public_url
-    if args.host in _WILDCARD_HOSTS and settings.storage_url.startswith("file:"):
+    if args.host in _WILDCARD_HOSTS:
         logger.warning(
-            "KOOLBASE_OTA_PUBLIC_URL is not set: the download URLs handed out point at %s, "
-            "which only this machine reaches; set it to the address devices use",
+            "KOOLBASE_OTA_PUBLIC_URL is not set: the URLs the server hands out (downloads on "
+            "local storage, pagination links) point at %s, which only this machine reaches; "
+            "set it to the address devices and the dashboard use",
             public_url,
         )
     return settings.model_copy(update={"public_url": public_url})
