@@ -698,11 +698,13 @@ class CheckCache:
     async def run(self, *, every_seconds: float) -> None:
         """Refresh forever; a failing database leaves the cache as it is (stale if error).
 
-        A failure is logged once, then at most every `REFRESH_FAILURE_LOG_SECONDS` while they
-        go on, and the recovery once: at the default interval an outage logged five lines a
-        second from every worker.
+        A failure is logged when its kind is new, else at most every
+        `REFRESH_FAILURE_LOG_SECONDS`, and the first success after a logged failure once: at
+        the default interval an outage logged five lines a second from every worker, and a
+        database failing every other poll as many.
         """
-        failures, logged_at = 0, -math.inf
+        failures = 0  # in a row
+        logged_at, logged_kind, unresolved = -math.inf, "", False
         while True:
             await asyncio.sleep(every_seconds)
             try:
@@ -715,14 +717,16 @@ class CheckCache:
                 await self.refresh()
             except Exception as exc:
                 failures += 1
-                if time.monotonic() - logged_at >= REFRESH_FAILURE_LOG_SECONDS:
-                    logged_at = time.monotonic()
+                kind, now = type(exc).__name__, time.monotonic()
+                if kind != logged_kind or now - logged_at >= REFRESH_FAILURE_LOG_SECONDS:
+                    logged_at, logged_kind, unresolved = now, kind, True
                     logger.warning(
                         "cache refresh failed, serving cached answers: %s (%d failed in a row)",
-                        type(exc).__name__,
+                        kind,
                         failures,
                     )
             else:
-                if failures:
+                if unresolved:
                     logger.warning("cache refresh works again, after %d failed", failures)
-                failures, logged_at = 0, -math.inf
+                    unresolved = False
+                failures = 0
