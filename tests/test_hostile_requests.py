@@ -242,6 +242,23 @@ def test_a_file_in_another_field_than_the_bundle_is_named_in_the_400(
     assert_nothing_stored(client, project, server, before)
 
 
+def test_an_empty_file_field_is_ignored_and_a_bundle_in_a_text_field_is_named(
+    client: httpx.Client, project: Project, server: RunningServer
+) -> None:
+    """A browser form's optional file input left empty sends `filename=""` and nothing else:
+    ignored, as any extra field. The bundle sent in a text field (`-F channel=@bundle.zip`)
+    is refused as that field's value, with where the bundle goes (found by review,
+    helper-40)."""
+    before = snapshot(client, project, server)
+    misplaced = post_form(client, project, form(bundle_part(), file_part("channel", make_zip())))
+    assert_error(misplaced, 400, "invalid_encoding")
+    assert "the bundle goes in the 'bundle' field" in misplaced.json()["error"]
+    assert_nothing_stored(client, project, server, before)
+    empty = ('Content-Disposition: form-data; name="screenshot"; filename=""', b"")
+    accepted = post_form(client, project, form(bundle_part(), empty))
+    assert accepted.status_code == 201, accepted.text
+
+
 def test_text_fields_sent_as_files_are_read_as_text(client: httpx.Client, project: Project) -> None:
     """`-F release_notes=@notes.txt` sends a file part: its text is the field's value."""
     notes = ("Notes from a file \u00e9\n" * 3).encode()

@@ -31,7 +31,8 @@ TEXT_FIELDS = frozenset(
     {"channel", "mandatory", "release_notes", "platform", "min_app_version", "max_app_version"}
 )
 _FEED_BYTES = 1024 * 1024
-#: The form has four fields; a few more (a client's own extras) are tolerated and ignored.
+#: The form has a few fields; a few more text fields (a client's own extras) are tolerated and
+#: ignored, and so are empty file fields (a browser form's optional file input left empty).
 MAX_PARTS = 16
 #: A text field's bytes: `channel` and `mandatory` are a few bytes long.
 MAX_FIELD_BYTES = 4 * 1024
@@ -89,6 +90,8 @@ class _FormReader:
         self._header_value = bytearray()
         self._headers: dict[str, bytes] = {}
         self._name: str | None = None
+        #: The part being read came as a file (a `filename` in its Content-Disposition).
+        self._sent_as_file = False
         self._value = bytearray()
         self._file: IO[bytes] | None = None
         self._hash = hashlib.sha256()
@@ -132,7 +135,8 @@ class _FormReader:
         if disposition != b"form-data" or b"name" not in options:
             raise InvalidInput("form part without a field name", code="invalid_multipart")
         name = _decode(options[b"name"], "form field name")
-        if b"filename" in options and name != BUNDLE_FIELD and name not in TEXT_FIELDS:
+        self._sent_as_file = bool(options.get(b"filename"))
+        if self._sent_as_file and name != BUNDLE_FIELD and name not in TEXT_FIELDS:
             # A file under another name (`-F file=@bundle.zip`) was read as a text field, and
             # refused as one: "form field 'file' is not valid UTF-8".
             raise InvalidInput(
@@ -165,7 +169,13 @@ class _FormReader:
             return
         self._value += chunk
         if len(self._value) > _FIELD_BYTES.get(self._name or "", MAX_FIELD_BYTES):
-            raise InvalidInput(f"form field {self._name!r} is too long", code="field_too_long")
+            raise InvalidInput(f"{self._field()} is too long", code="field_too_long")
+
+    def _field(self) -> str:
+        """The text field being read, as errors name it."""
+        if self._sent_as_file:  # `-F channel=@bundle.zip`, say
+            return f"form field {self._name!r} (a file: the bundle goes in the 'bundle' field)"
+        return f"form field {self._name!r}"
 
     def _sync_in_background(self, file: IO[bytes]) -> None:
         """Start syncing what is written so far, unless a sync is still running."""
@@ -193,9 +203,7 @@ class _FormReader:
             self._file = None
             self.staged.sha256 = self._hash.hexdigest()
         elif self._name is not None:
-            self.staged.fields[self._name] = _decode(
-                bytes(self._value), f"form field {self._name!r}"
-            )
+            self.staged.fields[self._name] = _decode(bytes(self._value), self._field())
 
     def on_end(self) -> None:
         self.finished = True
