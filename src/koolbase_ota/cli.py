@@ -269,6 +269,8 @@ def _serve_granian(args: argparse.Namespace, settings: Settings) -> None:
     from granian.http import HTTP1Settings
     from granian.server import Server
 
+    from koolbase_ota.httpserver import MAX_HEAD_BYTES
+
     rsgi = settings.server_interface == "rsgi"
     Server(
         "koolbase_ota.rsgi:create_rsgi_app_from_env"
@@ -280,8 +282,12 @@ def _serve_granian(args: argparse.Namespace, settings: Settings) -> None:
         # runtime thread per worker measured faster on the check than several.
         http=HTTPModes.http1,
         # A client that never finishes its headers (slowloris) is cut off.
+        # Its read buffer bounds a request head: at MAX_HEAD_BYTES, a head over two to three
+        # times that is 431 (at granian's 408 KiB, heads of up to a megabyte were read). Its
+        # parser's 100 headers are ours.
         http1_settings=HTTP1Settings(
-            header_read_timeout=int(settings.header_timeout_seconds * 1000)
+            header_read_timeout=int(settings.header_timeout_seconds * 1000),
+            max_buffer_size=MAX_HEAD_BYTES,
         ),
         runtime_mode=RuntimeModes.st,
         address=args.host,
