@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.middleware.cors import CORSMiddleware
 from starlette.types import Receive, Scope, Send
 
 from koolbase_ota import __version__, changes
@@ -22,7 +21,7 @@ from koolbase_ota.bundles.router import router as bundles_router
 from koolbase_ota.config import Settings
 from koolbase_ota.db import Database, create_db_engine
 from koolbase_ota.deps import AppContext
-from koolbase_ota.error_handlers import install_error_handlers
+from koolbase_ota.error_handlers import JSONCORSMiddleware, install_error_handlers
 from koolbase_ota.ops import HeadAsGetMiddleware, MetricsMiddleware
 from koolbase_ota.ops import router as ops_router
 from koolbase_ota.projects.router import router as channels_router
@@ -156,7 +155,7 @@ def create_app(settings: Settings) -> OTAApp:
     if origins:
         # Only for the configured origins: a browser page elsewhere cannot read any answer.
         app.add_middleware(
-            CORSMiddleware,
+            JSONCORSMiddleware,
             allow_origins=origins,
             allow_methods=["GET", "HEAD", "POST", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
