@@ -281,10 +281,10 @@ def _serve_granian(args: argparse.Namespace, settings: Settings) -> None:
         # Devices speak HTTP/1.1 (h2 needs TLS, which a load balancer terminates), and one
         # runtime thread per worker measured faster on the check than several.
         http=HTTPModes.http1,
-        # A client that never finishes its headers (slowloris) is cut off.
-        # Its read buffer bounds a request head: at MAX_HEAD_BYTES, a head over two to three
-        # times that is 431 (at granian's 408 KiB, heads of up to a megabyte were read). Its
-        # parser's 100 headers are ours.
+        # A client that never finishes its headers (slowloris) is cut off. The read buffer
+        # bounds a request head: at MAX_HEAD_BYTES, a head over two to three times that is 431
+        # (at granian's 408 KiB, heads of up to a megabyte were read); its parser's 100
+        # headers are ours.
         http1_settings=HTTP1Settings(
             header_read_timeout=int(settings.header_timeout_seconds * 1000),
             max_buffer_size=MAX_HEAD_BYTES,
