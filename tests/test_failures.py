@@ -394,14 +394,23 @@ def test_readiness_probes_at_once_each_answer_503_within_the_timeout(
         eventually(lambda: client.get("/readyz").status_code == 200, "ready again", within=30)
 
 
+def metric(exposition: str, name: str, **labels: str) -> float:
+    """The sum of the samples `name` with these labels in a `/metrics` answer."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
 def lookups(client: httpx.Client, kind: str) -> dict[str, float]:
-    """`koolbase_ota_check_lookups_total` of `kind` by result, from `/metrics`."""
-    counts = {"loaded": 0.0, "failed": 0.0, "abandoned": 0.0}
-    for family in text_string_to_metric_families(client.get("/metrics").text):
-        for sample in family.samples:
-            if sample.name == "koolbase_ota_check_lookups_total" and sample.labels["kind"] == kind:
-                counts[sample.labels["result"]] += sample.value
-    return counts
+    """`koolbase_ota_check_lookups_total` of `kind` by result, from one `/metrics` answer."""
+    exposition = client.get("/metrics").text
+    return {
+        result: metric(exposition, "koolbase_ota_check_lookups_total", kind=kind, result=result)
+        for result in ("loaded", "failed", "abandoned")
+    }
 
 
 def test_lookups_every_check_gave_up_on_are_dropped_not_run_later(
@@ -471,18 +480,22 @@ def test_cold_downloads_on_a_frozen_postgres_answer_503_after_one_wait(
 
 
 def download_latency(client: httpx.Client) -> tuple[float, float]:
-    """(count, sum) of the download route's GET latency, from `/metrics`."""
-    count = total = 0.0
-    for family in text_string_to_metric_families(client.get("/metrics").text):
-        for sample in family.samples:
-            labels = sample.labels
-            if labels.get("route") != DOWNLOAD_ROUTE or labels.get("method") != "GET":
-                continue
-            if sample.name == "koolbase_ota_request_duration_seconds_count":
-                count += sample.value
-            elif sample.name == "koolbase_ota_request_duration_seconds_sum":
-                total += sample.value
-    return count, total
+    """(count, sum) of the download route's GET latency, from one `/metrics` answer."""
+    exposition = client.get("/metrics").text
+    return (
+        metric(
+            exposition,
+            "koolbase_ota_request_duration_seconds_count",
+            route=DOWNLOAD_ROUTE,
+            method="GET",
+        ),
+        metric(
+            exposition,
+            "koolbase_ota_request_duration_seconds_sum",
+            route=DOWNLOAD_ROUTE,
+            method="GET",
+        ),
+    )
 
 
 def test_a_download_refused_in_front_of_the_framework_is_timed_from_its_arrival(

@@ -161,7 +161,7 @@ def _served_public_url(args: argparse.Namespace, settings: Settings) -> Settings
     download URLs handed out pointed at port 8080, which answered nothing, or another
     server's 403. The workers read it from the environment, so it is set there too.
     """
-    if "public_url" in settings.model_fields_set:
+    if _set_in_environment("KOOLBASE_OTA_PUBLIC_URL"):
         return settings
     host = _WILDCARD_HOSTS.get(args.host, args.host)
     public_url = f"http://{f'[{host}]' if ':' in host else host}:{args.port}"

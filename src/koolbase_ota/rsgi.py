@@ -24,13 +24,12 @@ from urllib.parse import quote
 from koolbase_ota.allocator import reuse_freed_memory
 from koolbase_ota.app import OTAApp, create_app
 from koolbase_ota.config import Settings
-from koolbase_ota.metrics import RECEIVED
 from koolbase_ota.sdk.check import CheckEndpoint
 from koolbase_ota.sdk.downloads import (
-    REFUSAL,
     Plan,
     answer_headers,
     count_download,
+    left_to_app,
     served_plan,
 )
 from koolbase_ota.storage.signing import DOWNLOAD_PREFIX
@@ -93,10 +92,8 @@ class RSGIApp:
             if_range="if-range" in headers,
             origin="origin" in headers,
         )
-        if plan is None:
-            return {RECEIVED: started}
         if not isinstance(plan, Plan):
-            return {RECEIVED: started, REFUSAL: plan}
+            return left_to_app(plan, started)
         status, answer = answer_headers(plan)
         if plan.span is None:
             protocol.response_file(status, answer, str(plan.path))

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from email.utils import formatdate
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl
 
 import anyio.to_thread
@@ -319,6 +320,15 @@ async def served_plan(
     return None if plan.other_range else plan
 
 
+def left_to_app(refusal: Exception | None, started: float) -> dict[str, Any]:
+    """What the ASGI scope of a download `served_plan` left to the app carries besides: when
+    it arrived (for the metrics), and the refusal found, for the route to raise."""
+    entries: dict[str, Any] = {RECEIVED: started}
+    if refusal is not None:
+        entries[REFUSAL] = refusal
+    return entries
+
+
 async def send_download(context: AppContext, scope: Scope, send: Send) -> bool:
     """Answers a valid signed download (`served_plan`), the file sent by the server with
     ASGI's `http.response.zerocopysend`; False leaves the request to the route."""
@@ -342,9 +352,7 @@ async def send_download(context: AppContext, scope: Scope, send: Send) -> bool:
         origin=origin,
     )
     if not isinstance(plan, Plan):
-        scope[RECEIVED] = started
-        if plan is not None:
-            scope[REFUSAL] = plan
+        scope.update(left_to_app(plan, started))
         return False
     status, headers = answer_headers(plan)
     start, end = plan.span if plan.span is not None else (0, plan.stat.st_size)
