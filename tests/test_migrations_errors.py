@@ -4,12 +4,17 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
+import httpx
+import psycopg
 import pytest
 
-from tests.services import free_ports
+from tests.conftest import eventually
+from tests.services import PostgresService, free_ports
 from tests.test_cli import DB_FILE, cli_env, ok, run_cli
+from tests.test_e2e import launch, stop, wait_until_answering
 
 
 def test_a_database_a_newer_version_migrated_is_refused_in_one_line(tmp_path: Path) -> None:
@@ -42,11 +47,89 @@ def test_an_unreachable_database_is_one_error_line(
 ) -> None:
     (port,) = free_ports(1)  # nothing listens there
     url = f"postgresql://ota:hunter2secret@127.0.0.1:{port}/ota"
-    result = run_cli(tmp_path, *command, env=cli_env(tmp_path, KOOLBASE_OTA_DATABASE_URL=url))
+    env = cli_env(
+        tmp_path, KOOLBASE_OTA_DATABASE_URL=url, KOOLBASE_OTA_DATABASE_START_WAIT_SECONDS="0"
+    )
+    result = run_cli(tmp_path, *command, env=env)
     assert result.returncode == 1
     assert result.stderr.startswith("error: cannot use the database: connection failed")
     assert result.stderr.count("\n") == 1
     assert "hunter2secret" not in result.stderr
+
+
+def test_serve_tries_a_database_it_cannot_reach_for_a_while_then_exits(tmp_path: Path) -> None:
+    """`db upgrade` (like every command but `serve`) fails at once, for a script to see."""
+    (port,) = free_ports(1)
+    env = cli_env(
+        tmp_path,
+        KOOLBASE_OTA_DATABASE_URL=f"postgresql://ota:hunter2secret@127.0.0.1:{port}/ota",
+        KOOLBASE_OTA_DATABASE_START_WAIT_SECONDS="2",
+    )
+    began = time.monotonic()
+    upgrade = run_cli(tmp_path, "db", "upgrade", env=env)
+    upgraded_in = time.monotonic() - began
+    began = time.monotonic()
+    served = run_cli(tmp_path, "serve", "--host", "127.0.0.1", "--port", "1", env=env)
+    served_in = time.monotonic() - began
+    assert upgrade.returncode == served.returncode == 1
+    assert upgraded_in < 2 <= served_in
+    # The reason once, when it is new (not at every try), then the one error line.
+    warning, error, end = served.stderr.split("\n")
+    assert "WARNING" in warning
+    assert warning.endswith(
+        "Connection refused; trying again for up to 2 s (KOOLBASE_OTA_DATABASE_START_WAIT_SECONDS)"
+    )
+    assert error.startswith("error: cannot use the database: connection failed")
+    assert error.endswith("Connection refused (tried for 2 s)")
+    assert end == ""
+    assert "hunter2secret" not in served.stderr
+
+
+def test_serve_is_not_kept_waiting_by_a_schema_a_newer_version_migrated(
+    postgres: PostgresService, tmp_path: Path
+) -> None:
+    """Trying again cannot help there: it exits at once, with the default wait."""
+    url = postgres.create_database()
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY)")
+        connection.execute("INSERT INTO alembic_version VALUES ('0099')")
+    began = time.monotonic()
+    result = run_cli(
+        tmp_path,
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "1",
+        env=cli_env(tmp_path, KOOLBASE_OTA_DATABASE_URL=url),
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: the database schema is at revision 0099")
+    assert result.stderr.count("\n") == 1
+    assert time.monotonic() - began < 30
+
+
+def test_serve_started_before_its_database_serves_once_it_is_up(tmp_path: Path) -> None:
+    """A server and its database started together (a compose file, a host booting): the
+    server exited at once, and a service manager giving up after a few quick failures left it
+    down; it now tries the database again and serves once it can."""
+    with PostgresService() as late:
+        url = late.create_database()
+        late.stop()
+        server = launch(tmp_path / "data", "late", env={"KOOLBASE_OTA_DATABASE_URL": url})
+        try:
+            eventually(lambda: "trying again" in server.log(), "the first failure", within=30)
+            time.sleep(2)  # a few more tries
+            assert server.process.poll() is None, server.log()
+            late.start()
+            wait_until_answering(server)
+            assert httpx.get(server.base_url + "/readyz", timeout=10).status_code == 200
+            log = server.log()
+            assert log.count("trying again") == 1, log
+            assert "the database can be used now" in log
+            assert "migrated the database to revision" in log
+        finally:
+            stop(server.process)
 
 
 @pytest.mark.parametrize(

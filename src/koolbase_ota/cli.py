@@ -12,6 +12,7 @@ import logging.config
 import os
 import shutil
 import sys
+import time
 import traceback
 import uuid
 from collections.abc import Callable, Sequence
@@ -27,12 +28,13 @@ from koolbase_ota.clock import rfc3339
 from koolbase_ota.config import SECRET_KEY_FILE, Settings
 from koolbase_ota.db import (
     Database,
+    SchemaTooNew,
     create_db_engine,
     is_sqlite,
     migration_lock,
     upgrade_schema,
 )
-from koolbase_ota.errors import OTAError
+from koolbase_ota.errors import DatabaseUnavailable, OTAError
 from koolbase_ota.logs import ACCESS_LOG_FORMAT, logging_config, redact
 from koolbase_ota.projects import channels
 from koolbase_ota.projects import service as projects
@@ -70,18 +72,64 @@ def _settings() -> Settings:
         raise CliError(f"cannot use the data directory: {exc.strerror}") from None
 
 
-def _database(settings: Settings, *, announce: bool = False) -> Database:
-    """The database, migrated to the newest schema first."""
+def _database(settings: Settings, *, announce: bool = False, wait: bool = False) -> Database:
+    """The database, migrated to the newest schema first; with `wait` (serve), a PostgreSQL
+    database that cannot be used yet is tried again for up to `database_start_wait_seconds`."""
     engine = create_db_engine(
         settings.database_url,
         timeout_seconds=settings.database_timeout_seconds,
         connections=settings.database_connections,
     )
     _ENGINES.append(engine)
-    revision = upgrade_schema(engine, lock_dir=settings.data_dir)
+    if wait and not is_sqlite(engine):
+        revision = _upgrade_when_reachable(engine, settings)
+    else:
+        revision = upgrade_schema(engine, lock_dir=settings.data_dir)
     if revision is not None and announce:
         logger.info("migrated the database to revision %s", revision)
     return Database(engine)
+
+
+#: The longest pause between two tries of a database `serve` cannot reach as it starts.
+START_RETRY_MAX_SECONDS = 5.0
+
+
+def _upgrade_when_reachable(engine: Engine, settings: Settings) -> str | None:
+    """`upgrade_schema`, tried again while the database cannot be reached, for up to
+    `database_start_wait_seconds` (0.5 s, then twice as long each time up to 5 s apart).
+
+    A server and its database started together (a compose file, a host booting) found it not
+    yet accepting connections, exited, and a service manager that gives up after a few quick
+    failures (systemd's default) left it down. The reason is logged when it is new, so a wrong
+    password is in the log at the first try; a schema a newer version migrated is not retried.
+    """
+    deadline = time.monotonic() + settings.database_start_wait_seconds
+    pause, logged = 0.5, ""
+    while True:
+        try:
+            revision = upgrade_schema(engine, lock_dir=settings.data_dir)
+        except SchemaTooNew:
+            raise
+        except DatabaseUnavailable as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if not logged:
+                    raise
+                waited = settings.database_start_wait_seconds
+                raise DatabaseUnavailable(f"{exc} (tried for {waited:.0f} s)") from None
+            if str(exc) != logged:
+                logged = str(exc)
+                logger.warning(
+                    "%s; trying again for up to %.0f s (KOOLBASE_OTA_DATABASE_START_WAIT_SECONDS)",
+                    logged,
+                    left,
+                )
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, START_RETRY_MAX_SECONDS)
+            continue
+        if logged:
+            logger.info("the database can be used now")
+        return revision
 
 
 #: Every engine this command opened, closed by `run` before it exits (SQLite checkpoints its
@@ -187,7 +235,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             "store them in S3)",
             settings.storage_url,
         )
-    db = _database(settings, announce=True)
+    db = _database(settings, announce=True, wait=True)
     if not is_sqlite(db.engine) and not _set_in_environment("KOOLBASE_OTA_SECRET_KEY"):
         # Processes each with a data dir of their own made a key each: every one signed the
         # code-push answers (and embedded download URLs) with its own, without a word.

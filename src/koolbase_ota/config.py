@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     # At most a day: PostgreSQL's statement_timeout and a timedelta have a ceiling, and a value
     # past it failed every connection, or the start with a traceback.
     database_timeout_seconds: float = Field(default=10.0, gt=0, le=24 * 3600)
+    # How long `serve` keeps trying a PostgreSQL database it cannot use as it starts (not up
+    # yet, unreachable) before it exits; 0: it exits at once.
+    database_start_wait_seconds: float = Field(default=60.0, ge=0, le=24 * 3600)
     # The most database connections a process opens for everything but the checks (which have
     # 6 of their own); unset: 30 on PostgreSQL, 40 on SQLite. At least 2: on PostgreSQL a
     # start holds the migration lock on one while it migrates or looks for a project on another.
