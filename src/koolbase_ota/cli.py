@@ -690,6 +690,60 @@ def cmd_gc(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_backup(args: argparse.Namespace) -> None:
+    import sqlite3
+
+    from koolbase_ota.backup import back_up
+
+    settings = _settings()
+    # Not migrated first, unlike every other command: a backup is what one takes before an
+    # upgrade, so it copies the database at the revision it is at.
+    try:
+        report = back_up(settings, Path(args.directory))
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise CliError(f"could not write the backup: {exc.strerror or exc}{where}") from None
+    except sqlite3.Error as exc:
+        raise CliError(f"could not copy the database: {exc}") from None
+    target = Path(args.directory).expanduser().absolute()
+    if args.json:
+        _print_json(
+            {
+                "directory": str(target),
+                "projects": report.projects,
+                "bundles": report.bundles,
+                "files": report.files,
+                "missing": report.missing,
+                "files_in_s3": report.files_in_s3,
+            }
+        )
+    else:
+        for path in report.missing:
+            print(f"MISSING  {path} (a bundle whose file is not in the install either)")
+        if report.files_in_s3:
+            files = "the bundle files stay in the S3 store"
+        else:
+            files = f"{_counted(report.files, 'bundle file')}, each matching its checksum"
+        extras = f"; with {' and '.join(report.extras)}" if report.extras else ""
+        print(
+            f"backed up {_counted(report.projects, 'project')} and"
+            f" {_counted(report.bundles, 'bundle')} to {target} ({files}{extras})"
+        )
+        unset = " and KOOLBASE_OTA_DATABASE_URL unset"
+        if not report.files_in_s3:
+            unset = ", KOOLBASE_OTA_DATABASE_URL and KOOLBASE_OTA_STORAGE_URL unset"
+        print(
+            f"to restore: stop the server, then serve with KOOLBASE_OTA_DATA_DIR={target}{unset}"
+            " (or move the directory's contents into the data dir)"
+        )
+    if report.missing:
+        raise SystemExit(1)
+
+
+def _counted(count: int, thing: str) -> str:
+    return f"{count} {thing}" if count == 1 else f"{count} {thing}s"
+
+
 def _whole_number(low: int, high: int) -> Callable[[str], int]:
     """An argparse `type`: a whole number from `low` to `high`, else a usage error (past
     `high`, a port or a grace period only failed later, with a traceback)."""
@@ -912,6 +966,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave unreferenced files younger than this alone (default 3600)",
     )
     gc.add_argument("--json", action="store_true")
+
+    backup = command(
+        commands,
+        "backup",
+        cmd_backup,
+        "copy the embedded default (database, bundle files, secret key) to a new directory,"
+        " while it serves",
+    )
+    backup.add_argument("directory", metavar="DIR", help="a new directory outside the data dir")
+    backup.add_argument("--json", action="store_true", help="print the report as JSON")
 
     move = command(
         commands,

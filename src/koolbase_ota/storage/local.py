@@ -57,7 +57,7 @@ class LocalStore:
                 if exc.errno != errno.EXDEV:
                     raise
                 self._copy_then_link(source, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except FileExistsError as exc:
             raise ObjectExists(f"an object is already stored at {key}") from exc
         except OSError as exc:
@@ -105,16 +105,12 @@ class LocalStore:
         return await anyio.to_thread.run_sync(self._checksum, key)
 
     def _checksum(self, key: str) -> str:
-        digest = hashlib.sha256()
         try:
-            with open(self.path_for(key), "rb") as handle:
-                while chunk := handle.read(READ_BYTES):
-                    digest.update(chunk)
+            return file_checksum(self.path_for(key))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(f"no object at {key}") from None
         except OSError as exc:
             raise StorageUnavailable(f"could not read the bundle: {exc.strerror}") from exc
-        return "sha256:" + digest.hexdigest()
 
     async def list_keys(self, prefix: str) -> list[StoredObject]:
         """Every file under `prefix`, a copy's `.incoming-` temporary too: one a crash left
@@ -154,7 +150,16 @@ class LocalStore:
             raise StorageUnavailable(f"bundle directory unusable: {exc.strerror}") from exc
 
 
-def _fsync_dir(path: Path) -> None:
+def file_checksum(path: Path) -> str:
+    """`sha256:` and the hex SHA-256 of a file's bytes, as bundles record them."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(READ_BYTES):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
