@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from koolbase_ota.cli import DEFAULT_MOVE_JOBS
 from koolbase_ota.errors import StorageUnavailable
 from koolbase_ota.storage import BundleStore, ObjectNotFound
 from koolbase_ota.storage.s3 import CHUNK_BYTES, S3BundleStore
@@ -119,12 +120,14 @@ def test_a_rerun_refuses_an_object_already_there_with_other_bytes(
     assert target.count("projects") == 0
     assert target.count("bundles") == 0
 
-    # Doing what the message says is enough: the next run copies the right bytes.
+    # Doing what the message says is enough: the next run copies the right bytes. (The
+    # second file's copy was under way beside the first's, so it finished: already there.)
     asyncio.run(target.store.delete(key))
     again = run_cli(data_dir, *args, env=env)
     assert again.returncode == 0, again.stderr
     assert again.stdout.startswith(
-        "copied 2 bundle files; read back 2, each matching its checksum; rows: "
+        "copied 1 bundle files (and 1 already there); read back 2, each matching its"
+        " checksum; rows: "
     )
     for bundle in (first, second):
         stored = asyncio.run(target.store.checksum(bundle["storage_path"]))
@@ -190,6 +193,7 @@ def test_an_object_the_store_kept_wrong_stops_the_move(tmp_path: Path, target: T
                     source_store=source.store,
                     target_db=target.db,
                     target_store=faulty,
+                    jobs=DEFAULT_MOVE_JOBS,
                 )
             )
     finally:

@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy import table as table_named
 
 from koolbase_ota.bundles.models import Bundle
+from koolbase_ota.cli import DEFAULT_MOVE_JOBS
 from koolbase_ota.db import Database, create_db_engine, upgrade_schema
 from koolbase_ota.storage import BundleStore
 from koolbase_ota.storage.s3 import S3BundleStore
@@ -132,6 +133,7 @@ async def _move(source: RunningServer, target: Target, store: Any) -> Any:
         source_store=source.store,
         target_db=target.db,
         target_store=store,
+        jobs=DEFAULT_MOVE_JOBS,
     )
 
 

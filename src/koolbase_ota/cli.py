@@ -762,6 +762,10 @@ def _whole_number(low: int, high: int) -> Callable[[str], int]:
 
 #: Longest `gc --grace-seconds` (about 100 years): past it the cut-off date overflows.
 MAX_GRACE_SECONDS = 100 * 366 * 24 * 3600
+#: Bundle files `move` copies at once by default, and at most (`--jobs`); each copy to S3
+#: holds up to three 5 MiB parts in memory.
+DEFAULT_MOVE_JOBS = 4
+MAX_MOVE_JOBS = 32
 
 
 class _Parser(argparse.ArgumentParser):
@@ -796,6 +800,7 @@ def cmd_move(args: argparse.Namespace) -> None:
             source_store=open_store(source),
             target_db=_database(target),
             target_store=target_store,
+            jobs=args.jobs,
         )
     )
     copied = ", ".join(f"{count} {table}" for table, count in report.rows.items())
@@ -989,6 +994,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     move.add_argument("--s3-endpoint", metavar="URL", help="default: KOOLBASE_OTA_S3_ENDPOINT")
     move.add_argument("--s3-region", metavar="NAME", help="default: KOOLBASE_OTA_S3_REGION")
+    move.add_argument(
+        "--jobs",
+        type=_whole_number(1, MAX_MOVE_JOBS),
+        default=DEFAULT_MOVE_JOBS,
+        metavar="N",
+        help=f"bundle files copied at once, 1 to {MAX_MOVE_JOBS} (default {DEFAULT_MOVE_JOBS})",
+    )
     return parser
 
 

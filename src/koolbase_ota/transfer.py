@@ -71,6 +71,7 @@ async def move_install(
     source_store: BundleStore,
     target_db: Database,
     target_store: BundleStore,
+    jobs: int,
 ) -> MoveReport:
     """Copy every bundle file, then every row in one transaction; refuse a non-empty target.
 
@@ -97,35 +98,27 @@ async def move_install(
 
     report = MoveReport()
     # 1. Files first: a row is never written without its file already in the target store.
-    for bundle in sorted(snapshot[Bundle.__tablename__], key=lambda row: row["storage_path"]):
-        storage_path = bundle["storage_path"]
-        what = f"bundle {bundle['id']} ({bundle['channel']} v{bundle['version']})"
-        try:
-            checksum = await source_store.checksum(storage_path)
-        except ObjectNotFound:
-            raise MoveError(
-                f"{what}: its file {storage_path} is missing from the source; restore the file"
-                " or delete the bundle, then run move again"
-            ) from None
-        if checksum != bundle["checksum"]:
-            raise MoveError(
-                f"{what}: its file {storage_path} does not match its checksum; restore the"
-                " file or delete the bundle, then run move again"
-            )
-        try:
-            await target_store.put_file(storage_path, source_store.path_for(storage_path))
-            report.objects_copied += 1
-            found = "copied to"
-        except ObjectExists:
-            # Most likely a move that was interrupted and run again; but another install
-            # sharing the bucket prefix, or something else writing there, leaves an object
-            # too, and devices would download whatever it holds: none is trusted unread.
-            report.objects_already_there += 1
-            found = "already at"
-        await _check_stored(
-            target_store, storage_path, bundle["checksum"], f"{what}: the object {found}"
-        )
-        report.objects_verified += 1
+    # `jobs` at a time (each a round trip or two to the store: one after another, a large
+    # install kept every server stopped for hours); after a failure no other one starts, and
+    # those under way finish, so a rerun finds them whole.
+    pending = iter(sorted(snapshot[Bundle.__tablename__], key=lambda row: row["storage_path"]))
+    failures: list[Exception] = []
+
+    async def copy_files() -> None:
+        for bundle in pending:
+            if failures:
+                return
+            try:
+                await _copy_file(bundle, source_store, target_store, report)
+            except Exception as exc:  # raised once every copy under way has finished
+                failures.append(exc)
+                return
+
+    async with anyio.create_task_group() as group:
+        for _ in range(jobs):
+            group.start_soon(copy_files)
+    if failures:
+        raise failures[0]
 
     # 2. Rows, parents before children, in one transaction: all of them or none.
     def copy_rows() -> None:
@@ -143,6 +136,43 @@ async def move_install(
 
     await anyio.to_thread.run_sync(copy_rows)
     return report
+
+
+async def _copy_file(
+    bundle: dict[str, Any],
+    source_store: LocalStore,
+    target_store: BundleStore,
+    report: MoveReport,
+) -> None:
+    """Copy one bundle's file to the target store (unless there) and read it back."""
+    storage_path = bundle["storage_path"]
+    what = f"bundle {bundle['id']} ({bundle['channel']} v{bundle['version']})"
+    try:
+        checksum = await source_store.checksum(storage_path)
+    except ObjectNotFound:
+        raise MoveError(
+            f"{what}: its file {storage_path} is missing from the source; restore the file"
+            " or delete the bundle, then run move again"
+        ) from None
+    if checksum != bundle["checksum"]:
+        raise MoveError(
+            f"{what}: its file {storage_path} does not match its checksum; restore the"
+            " file or delete the bundle, then run move again"
+        )
+    try:
+        await target_store.put_file(storage_path, source_store.path_for(storage_path))
+        report.objects_copied += 1
+        found = "copied to"
+    except ObjectExists:
+        # Most likely a move that was interrupted and run again; but another install
+        # sharing the bucket prefix, or something else writing there, leaves an object
+        # too, and devices would download whatever it holds: none is trusted unread.
+        report.objects_already_there += 1
+        found = "already at"
+    await _check_stored(
+        target_store, storage_path, bundle["checksum"], f"{what}: the object {found}"
+    )
+    report.objects_verified += 1
 
 
 async def _check_stored(store: BundleStore, key: str, checksum: str, what: str) -> None:
