@@ -150,7 +150,7 @@ def create_app(settings: Settings) -> OTAApp:
     install_error_handlers(app)
     app.add_middleware(HeadAsGetMiddleware, routes=app.router.routes)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
-    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(MetricsMiddleware, routes=app.router.routes)
     origins = cors_origins(settings.cors_origins)
     if origins:
         # Only for the configured origins: a browser page elsewhere cannot read any answer.

@@ -79,8 +79,11 @@ async def metrics(context: ContextDep) -> Response:
 class MetricsMiddleware:
     """Counts every answer by method, route template (never the raw path) and status."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, routes: list[BaseRoute]) -> None:
         self.app = app
+        #: The app's routes: an answer given before routing (a body over the limit) is still
+        #: counted under the route its path names, not "unmatched" with unknown paths.
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -98,11 +101,30 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            route: Any = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = self._template(scope)
             method = scope["method"] if scope["method"] in _METHODS else "other"
             REQUESTS.labels(method, template, str(status)).inc()
             LATENCY.labels(method, template).observe(time.perf_counter() - started)
+
+
+    def _template(self, scope: Scope) -> str:
+        route: Any = scope.get("route")
+        if path := getattr(route, "path", None):
+            return str(path)
+        return _matching_path(self.routes, scope) or "unmatched"
+
+
+def _matching_path(routes: list[BaseRoute], scope: Scope) -> str | None:
+    """The template of the route `scope` goes to, looked for in routers FastAPI included too
+    (an included router matches as a whole and does not say which of its routes did)."""
+    for candidate in routes:
+        if candidate.matches(scope)[0] is Match.NONE:
+            continue
+        included = getattr(candidate, "original_router", None)
+        if included is not None:
+            return _matching_path(included.routes, scope)
+        return getattr(candidate, "path", None)
+    return None
 
 
 class HeadAsGetMiddleware:
