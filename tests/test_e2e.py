@@ -6,9 +6,11 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import re
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -394,6 +396,26 @@ def test_two_workers_serve_a_project_made_with_the_cli(tmp_path: Path) -> None:
     while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+
+
+def test_a_worker_stalled_for_seconds_is_not_replaced(tmp_path: Path) -> None:
+    """uvicorn's supervisor killed and replaced a worker that did not answer its ping within
+    5 s: one starved of CPU on a loaded host, which a cold replacement only loads more. A
+    worker stopped for 8 s (SIGSTOP, then SIGCONT) now keeps serving."""
+    with serving(tmp_path / "data", "stall", "--workers", "2") as server:
+        eventually(lambda: len(worker_pids(server.log())) == 2, "two workers", within=60)
+        pids = worker_pids(server.log())
+        stalled = min(pids)
+        os.kill(stalled, signal.SIGSTOP)
+        try:
+            time.sleep(8)
+        finally:
+            os.kill(stalled, signal.SIGCONT)
+        time.sleep(2)  # the supervisor's next look
+        assert worker_pids(server.log()) == pids, server.log()
+        assert "died" not in server.log()
+        with httpx.Client(base_url=server.base_url, timeout=10) as http:
+            assert all(http.get("/healthz").status_code == 200 for _ in range(10))
 
 
 def test_without_a_public_url_downloads_point_at_the_port_served_on(tmp_path: Path) -> None:

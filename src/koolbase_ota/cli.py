@@ -306,8 +306,16 @@ def _serve_uvicorn(args: argparse.Namespace, settings: Settings) -> None:
         workers=args.workers,
         log_config=logging_config(settings.log_format),
         timeout_graceful_shutdown=10,
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS,
         **uvicorn_options(),
     )
+
+
+#: How long uvicorn's supervisor waits for a worker (`--workers N`) to answer its health ping
+#: before it kills and replaces it. Its default, 5 s, replaced workers that were only starved
+#: of CPU (a first start on a loaded host, a burst of traffic): a cold worker in their place
+#: cost more CPU and database reads, just when the host had the least to give.
+WORKER_HEALTHCHECK_SECONDS = 30
 
 
 def _serve_granian(args: argparse.Namespace, settings: Settings) -> None:

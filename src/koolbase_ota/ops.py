@@ -106,7 +106,6 @@ class MetricsMiddleware:
             REQUESTS.labels(method, template, str(status)).inc()
             LATENCY.labels(method, template).observe(time.perf_counter() - started)
 
-
     def _template(self, scope: Scope) -> str:
         route: Any = scope.get("route")
         if path := getattr(route, "path", None):
