@@ -11,6 +11,7 @@ import logging
 import logging.config
 import os
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -28,13 +29,13 @@ from koolbase_ota.clock import rfc3339
 from koolbase_ota.config import SECRET_KEY_FILE, Settings
 from koolbase_ota.db import (
     Database,
-    SchemaTooNew,
+    DatabaseUnreachable,
     create_db_engine,
     is_sqlite,
     migration_lock,
     upgrade_schema,
 )
-from koolbase_ota.errors import DatabaseUnavailable, OTAError
+from koolbase_ota.errors import OTAError
 from koolbase_ota.logs import ACCESS_LOG_FORMAT, logging_config, redact
 from koolbase_ota.projects import channels
 from koolbase_ota.projects import service as projects
@@ -95,41 +96,52 @@ START_RETRY_MAX_SECONDS = 5.0
 
 
 def _upgrade_when_reachable(engine: Engine, settings: Settings) -> str | None:
-    """`upgrade_schema`, tried again while the database cannot be reached, for up to
-    `database_start_wait_seconds` (0.5 s, then twice as long each time up to 5 s apart).
+    """`upgrade_schema`, tried again while the database cannot be connected to, for up to
+    `database_start_wait_seconds` (0.5 s, then twice as long each time up to 5 s apart), plus
+    the attempt under way then.
 
     A server and its database started together (a compose file, a host booting) found it not
     yet accepting connections, exited, and a service manager that gives up after a few quick
     failures (systemd's default) left it down. The reason is logged when it is new, so a wrong
-    password is in the log at the first try; a schema a newer version migrated is not retried.
+    password is in the log at the first try. Only a connection that could not be made is tried
+    again: not a migration that failed, a URL libpq refuses, or a schema a newer version
+    migrated. SIGTERM ends the wait also where it is ignored by default (PID 1 in a container).
     """
-    deadline = time.monotonic() + settings.database_start_wait_seconds
+    began = time.monotonic()
+    deadline = began + settings.database_start_wait_seconds
     pause, logged = 0.5, ""
-    while True:
-        try:
-            revision = upgrade_schema(engine, lock_dir=settings.data_dir)
-        except SchemaTooNew:
-            raise
-        except DatabaseUnavailable as exc:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                if not logged:
-                    raise
-                waited = settings.database_start_wait_seconds
-                raise DatabaseUnavailable(f"{exc} (tried for {waited:.0f} s)") from None
-            if str(exc) != logged:
-                logged = str(exc)
-                logger.warning(
-                    "%s; trying again for up to %.0f s (KOOLBASE_OTA_DATABASE_START_WAIT_SECONDS)",
-                    logged,
-                    left,
-                )
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, START_RETRY_MAX_SECONDS)
-            continue
-        if logged:
-            logger.info("the database can be used now")
-        return revision
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        while True:
+            try:
+                revision = upgrade_schema(engine, lock_dir=settings.data_dir)
+            except DatabaseUnreachable as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if not logged:
+                        raise
+                    waited = time.monotonic() - began
+                    raise DatabaseUnreachable(f"{exc} (tried for {waited:.1f} s)") from None
+                if str(exc) != logged:
+                    logged = str(exc)
+                    logger.warning(
+                        "%s; trying again for up to %.1f s"
+                        " (KOOLBASE_OTA_DATABASE_START_WAIT_SECONDS)",
+                        logged,
+                        left,
+                    )
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, START_RETRY_MAX_SECONDS)
+                continue
+            if logged:
+                logger.info("the database can be used now")
+            return revision
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 #: Every engine this command opened, closed by `run` before it exits (SQLite checkpoints its

@@ -93,6 +93,14 @@ def create_db_engine(
 
 def _create_db_engine(url: str, *, timeout_seconds: float, connections: int | None) -> Engine:
     parsed = make_url(url)
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise ValueError("no such port")
+    if parsed.host and "@" in parsed.host:
+        # `user:p@ss@host`: the password ends at its first @, the rest of it became the host,
+        # and the driver's error named it ("failed to resolve host 'ss@host'").
+        raise InvalidInput(
+            "the database URL has an @ in its user name or password: write it as %40"
+        )
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -275,6 +283,10 @@ def alembic_config(connection: Any = None) -> Any:
     return config
 
 
+class DatabaseUnreachable(DatabaseUnavailable):
+    """No connection to the database could be made: it may be starting, or out of reach."""
+
+
 class SchemaTooNew(DatabaseUnavailable):
     """The database was migrated by a newer koolbase-ota than this one."""
 
@@ -300,7 +312,12 @@ def upgrade_schema(engine: Engine, *, lock_dir: Path) -> str | None:
         # The driver's first line says what went wrong (refused, unknown host, bad password,
         # a timeout) and never holds the password itself.
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else "unknown"
-        raise DatabaseUnavailable(f"cannot use the database: {reason}") from None
+        # No statement: no connection was made. "connection is bad" is libpq refusing the
+        # URL's options (an sslmode it does not know) before it tried.
+        unreachable = exc.statement is None and not reason.startswith("connection is bad")
+        raise (DatabaseUnreachable if unreachable else DatabaseUnavailable)(
+            f"cannot use the database: {reason}"
+        ) from None
 
 
 #: The newest migration's revision (`migrations/versions`); a test holds the two together.
