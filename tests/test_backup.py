@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import signal
 import sqlite3
 import stat
+import subprocess
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,7 @@ from koolbase_ota.config import Settings
 from tests.conftest import (
     Project,
     RunningServer,
+    eventually,
     make_zip,
     new_project,
     released,
@@ -28,8 +34,8 @@ from tests.conftest import (
     upload,
     uploaded,
 )
-from tests.services import PostgresService, SeaweedService
-from tests.test_cli import cli_env, run_cli
+from tests.services import SeaweedService
+from tests.test_cli import CONSOLE_SCRIPT, cli_env, run_cli
 from tests.test_e2e import auth, serving
 
 CHECK = "/v1/sdk/ota/check"
@@ -114,22 +120,32 @@ def test_a_backup_taken_while_serving_serves_the_same_answers_once_restored(
         assert len(listed.json()) == 3
 
 
-def test_bundles_deleted_while_files_are_copied_take_the_snapshot_again(
-    embedded: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("filesystem", ["same", "other"])
+def test_bundles_deleted_after_the_snapshot_take_it_again(
+    embedded: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, filesystem: str
 ) -> None:
     """A bundle deleted between the database's copy and its file's: the copy would hold a row
-    without its file. The delete is real; only its moment is chosen (it cannot be hit on cue)."""
+    without its file. The delete is real; only its moment is chosen (it cannot be hit on cue).
+
+    Every file is linked before any is read or copied (into the copy, or on another
+    filesystem into a staging directory beside the store), so the window is milliseconds:
+    copying file by file, every snapshot, gave up under light activity on a GB of bundles
+    (found by review, helper-43)."""
+    where = tmp_path if filesystem == "same" else _other_filesystem(tmp_path)
+    if where is None:
+        pytest.skip("no second filesystem (/dev/shm) on this machine")
     project = new_project(embedded.db)
     with httpx.Client(base_url=embedded.base_url, timeout=30) as client:
         kept = uploaded(client, project)
         doomed = uploaded(client, project)
-    snapshots = []
+    store_root = embedded.settings.data_dir / "bundles"
+    staged: list[bool] = []
     taken = backup._snapshot
 
     def snapshot_then_delete(database: Path, copy: Path) -> None:
         taken(database, copy)
-        snapshots.append(_rows(copy))
-        if len(snapshots) == 1:
+        staged.append(any(n.startswith(backup.STAGING_PREFIX) for n in os.listdir(store_root)))
+        if len(staged) == 1:
             deleted = httpx.delete(
                 f"{embedded.base_url}{project.path('/bundles/' + doomed['id'])}",
                 headers=project.auth,
@@ -138,13 +154,21 @@ def test_bundles_deleted_while_files_are_copied_take_the_snapshot_again(
             assert deleted.status_code == 204
 
     monkeypatch.setattr(backup, "_snapshot", snapshot_then_delete)
-    report = back_up(embedded.settings, tmp_path / "copy")
-    assert len(snapshots) == 2
-    assert len(snapshots[0]) == 2
-    assert len(snapshots[1]) == 1
-    assert (report.bundles, report.files, report.missing) == (1, 1, [])
-    rows = _assert_whole(tmp_path / "copy")
-    assert list(rows.values()) == [kept["checksum"]]
+    try:
+        report = back_up(embedded.settings, where / "copy")
+        assert report.snapshots == 2
+        assert (report.bundles, report.files, report.missing) == (1, 1, [])
+        rows = _assert_whole(where / "copy")
+        assert list(rows.values()) == [kept["checksum"]]
+        (file,) = (where / "copy" / "bundles").rglob("*.zip")
+        # Linked where it can be (the store's and the copy's), else copied from a staging
+        # directory, which is gone.
+        assert staged == [filesystem == "other"] * 2
+        assert file.stat().st_nlink == (2 if filesystem == "same" else 1)
+        assert not [n for n in os.listdir(store_root) if n.startswith(backup.STAGING_PREFIX)]
+    finally:
+        if where != tmp_path:
+            shutil.rmtree(where, ignore_errors=True)
 
 
 def test_backups_while_bundles_come_and_go_are_each_whole(
@@ -237,12 +261,27 @@ def test_a_directory_that_cannot_be_the_copy_is_refused(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
-def test_postgresql_is_pointed_at_pg_dump(postgres: PostgresService, tmp_path: Path) -> None:
-    env = cli_env(tmp_path / "data", KOOLBASE_OTA_DATABASE_URL=postgres.create_database())
+def test_postgresql_is_pointed_at_pg_dump(tmp_path: Path) -> None:
+    """Refused before any connection; and no data dir or key made where none was."""
+    url = "postgresql://ota:pw@127.0.0.1:1/ota"
+    env = cli_env(tmp_path / "data", KOOLBASE_OTA_DATABASE_URL=url)
     result = run_cli(tmp_path / "data", "backup", str(tmp_path / "copy"), env=env)
     assert result.returncode == 1
     assert "back up PostgreSQL with pg_dump" in result.stderr
-    assert not (tmp_path / "copy").exists()
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_a_copy_inside_the_bundle_store_is_refused(tmp_path: Path) -> None:
+    """`gc` would take it for orphaned files and remove it (found by review, helper-43)."""
+    store = tmp_path / "store"
+    env = cli_env(tmp_path / "data", KOOLBASE_OTA_STORAGE_URL=store.as_uri())
+    assert run_cli(tmp_path / "data", "db", "upgrade", env=env).returncode == 0
+    (store / "ota").mkdir(parents=True)
+    result = run_cli(tmp_path / "data", "backup", str(store / "ota" / "copy"), env=env)
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"error: {store / 'ota' / 'copy'} is inside the bundle store; name a directory outside it\n"
+    )
 
 
 def test_bundles_in_s3_stay_there_and_the_database_is_copied(
@@ -304,5 +343,50 @@ def test_a_data_dir_without_a_database_is_refused_and_left_without_one(tmp_path:
     result = run_cli(tmp_path / "typo", "backup", str(tmp_path / "copy"))
     assert result.returncode == 1
     assert result.stderr.startswith("error: there is no database at ")
-    assert not (tmp_path / "typo" / "koolbase-ota.db").exists()
-    assert not (tmp_path / "copy").exists()
+    # Neither the directory nor a key made (every other command makes both).
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def _other_filesystem(path: Path) -> Path | None:
+    """A directory for a test on another filesystem than `path`'s, if the machine has one."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shm.stat().st_dev != path.stat().st_dev:
+        return Path(tempfile.mkdtemp(prefix="koolbase-backup-", dir=shm))
+    return None
+
+
+def test_sigterm_removes_the_partial_copy(embedded: RunningServer, tmp_path: Path) -> None:
+    """`timeout`, `systemctl stop` and `docker stop` send SIGTERM: the partial copy (up to
+    every bundle's size) stayed. The copy is held where it reads a bundle file: a FIFO in
+    its place blocks the read until the signal."""
+    project = new_project(embedded.db)
+    with httpx.Client(base_url=embedded.base_url, timeout=30) as client:
+        uploaded(client, project)
+    (storage_path,) = _rows(embedded.settings.data_dir / "koolbase-ota.db")
+    bundle_file = embedded.settings.data_dir / "bundles" / storage_path
+    bundle_file.unlink()
+    os.mkfifo(bundle_file)
+    env = cli_env(embedded.settings.data_dir)
+    copying = subprocess.Popen(
+        [str(CONSOLE_SCRIPT), "backup", str(tmp_path / "copy")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+
+        def reading_the_fifo() -> bool:
+            partial = [p for p in tmp_path.iterdir() if p.name.startswith(".copy.partial-")]
+            return any(path.is_fifo() for p in partial for path in p.rglob("*.zip"))
+
+        eventually(reading_the_fifo, "the copy under way", within=30)
+        time.sleep(0.5)  # from linking it to opening it
+        copying.terminate()
+        _, stderr = copying.communicate(timeout=30)
+    finally:
+        if copying.poll() is None:
+            copying.kill()
+            copying.wait()
+    assert copying.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr == b""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

@@ -6,15 +6,19 @@ catch the SQLite database between its file and its write-ahead log, and a bundle
 between the two copies leaves a row without its file.
 
 The database is copied with SQLite's online backup in one step (one snapshot, however much is
-written meanwhile); then each of its bundles' files is hard-linked (bundle files are never
-rewritten) or copied, and checked against its checksum. A file deleted after the snapshot (its
-bundle deleted) makes it take the snapshot again, so every row of the copy has its file. The
-copy is made beside DIR and renamed to it when whole: an interrupted backup leaves no DIR.
+written meanwhile). Then each of its bundles' files is hard-linked (bundle files are never
+rewritten), into the copy when it is on the store's filesystem, else into a staging directory
+beside the store: linking every file takes milliseconds, so a file deleted after the snapshot
+(its bundle deleted) is found at once and the snapshot taken again, and every row of the copy
+has its file. Only then are files copied across filesystems and each checked against its
+checksum. The copy is made beside DIR, synced, and renamed to it when whole: an interrupted
+backup leaves no DIR.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import shutil
@@ -36,8 +40,11 @@ BUNDLES_DIR = "bundles"
 #: Copied beside the database when the data dir has them: the signing key and the first
 #: project's credentials.
 DATA_DIR_FILES = (SECRET_KEY_FILE, "credentials.json")
-#: How many times the snapshot is taken again while bundles are deleted as the files are copied.
+#: How many times the snapshot is taken again while bundles are deleted as the files are linked.
 MAX_SNAPSHOTS = 5
+#: Where files are staged on the store's filesystem when the copy is on another one (outside
+#: the store's `ota/` keys, which `gc` lists).
+STAGING_PREFIX = ".backup-staging-"
 
 
 class BackupError(InvalidInput):
@@ -53,13 +60,15 @@ class BackupReport:
     #: Bundles of the copy whose file is not in the install (nor, so, in the copy).
     missing: list[str] = field(default_factory=list)
     #: Files of DATA_DIR_FILES copied.
-    extras: list[str] = field(default_factory=list)
+    copied: list[str] = field(default_factory=list)
     #: Whether the bundle files stay in an S3 store, outside the copy.
     files_in_s3: bool = False
+    #: How many snapshots of the database it took (more than one: bundles were deleted).
+    snapshots: int = 0
 
 
 def back_up(settings: Settings, target: Path) -> BackupReport:
-    """Copy the install of `settings` (resolved, migrated) to the new directory `target`."""
+    """Copy the install of `settings` (resolved) to the new directory `target`."""
     url = make_url(settings.database_url)
     if url.get_backend_name() != "sqlite" or not url.database:
         raise BackupError(
@@ -70,24 +79,25 @@ def back_up(settings: Settings, target: Path) -> BackupReport:
     if not database.is_file():
         raise BackupError(f"there is no database at {database}; is KOOLBASE_OTA_DATA_DIR right?")
     store = open_store(settings)
+    local = store if isinstance(store, LocalStore) else None
     target = target.expanduser().absolute()
     if target.exists() or target.is_symlink():
         raise BackupError(f"{target} already exists; name a new directory")
     if not target.parent.is_dir():
         raise BackupError(f"{target.parent} is not a directory")
-    if target.parent.resolve().is_relative_to(settings.data_dir):
-        raise BackupError(f"{target} is inside the data dir; name a directory outside it")
+    parent = target.parent.resolve()
+    roots = [(settings.data_dir, "the data dir")]
+    if local is not None:  # `gc` would take a copy in the store for orphaned files
+        roots.append((local.root, "the bundle store"))
+    for root, what in roots:
+        if parent.is_relative_to(root):
+            raise BackupError(f"{target} is inside {what}; name a directory outside it")
     # Owner-only, as the data dir: it holds the signing key and the hashes of every secret.
-    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=parent))
     try:
-        report = _copy_install(
-            database,
-            store if isinstance(store, LocalStore) else None,
-            settings.data_dir,
-            partial,
-        )
-        fsync_dir(partial)
-        os.rename(partial, target)
+        report = _copy_install(database, local, settings.data_dir, partial)
+        os.sync()  # every file, link and directory of the copy on disk before it appears
+        _rename_new(partial, target)
         fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -100,31 +110,56 @@ def _copy_install(
 ) -> BackupReport:
     copy = to / DATABASE_FILE
     report = BackupReport(files_in_s3=store is None)
-    for _ in range(MAX_SNAPSHOTS):
-        _snapshot(database, copy)
-        rows = _bundle_rows(copy)
-        report.projects = _count_projects(copy)
-        report.bundles = len(rows)
-        if store is None:
-            break
-        gone = _copy_files(rows, store, to / BUNDLES_DIR, report)
-        if not gone or _still_there(database, gone):
-            # None gone, or every one gone still a bundle of the install (its file missing
-            # there: reported, as `gc` does); otherwise bundles were deleted since: again.
-            report.missing = sorted(gone)
-            break
-    else:
-        raise BackupError(
-            f"bundles were deleted while their files were copied, {MAX_SNAPSHOTS} times in a"
-            " row; run backup again when the install is quieter"
-        )
+    files = to / BUNDLES_DIR
+    staging = files
+    if store is not None and not _same_filesystem(store.root, to):
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=store.root))
+    try:
+        rows = _linked_snapshot(database, copy, store, staging, report)
+        if store is not None:
+            report.missing = sorted(path for path in rows if not (staging / path).exists())
+            report.files = _files_checked(rows, staging, files)
+    finally:
+        if staging != files:
+            shutil.rmtree(staging, ignore_errors=True)
     for name in DATA_DIR_FILES:
         source = data_dir / name
         if source.is_file():
             shutil.copyfile(source, to / name)
             (to / name).chmod(0o600)
-            report.extras.append(name)
+            report.copied.append(name)
     return report
+
+
+def _linked_snapshot(
+    database: Path, copy: Path, store: LocalStore | None, staging: Path, report: BackupReport
+) -> dict[str, str]:
+    """Snapshot the database into `copy` and link its bundles' files into `staging`, again
+    while files are found gone because their bundles were deleted since; its bundle rows."""
+    for _ in range(MAX_SNAPSHOTS):
+        _snapshot(database, copy)
+        report.snapshots += 1
+        rows = _bundle_rows(copy)
+        report.projects = _count_projects(copy)
+        report.bundles = len(rows)
+        if store is None:
+            return rows
+        gone = _link_files(rows, store, staging)
+        if not gone or _still_there(database, gone):
+            # None gone, or every one gone still a bundle of the install (its file missing
+            # there: reported, as `gc` does); otherwise bundles were deleted since: again.
+            return rows
+    raise BackupError(
+        f"bundles were deleted while their files were linked, {MAX_SNAPSHOTS} times in a row;"
+        " run backup again"
+    )
+
+
+def _same_filesystem(a: Path, b: Path) -> bool:
+    try:
+        return a.stat().st_dev == b.stat().st_dev
+    except FileNotFoundError:  # no bundle stored yet: nothing will be linked
+        return True
 
 
 def _snapshot(database: Path, copy: Path) -> None:
@@ -137,8 +172,6 @@ def _snapshot(database: Path, copy: Path) -> None:
     ):
         source.backup(target)  # every page in one step: one snapshot
     copy.chmod(0o600)
-    with open(copy, "rb") as handle:
-        os.fsync(handle.fileno())
 
 
 def _open_install(database: Path) -> sqlite3.Connection:
@@ -176,32 +209,43 @@ def _still_there(database: Path, paths: list[str]) -> bool:
         )
 
 
-def _copy_files(
-    rows: dict[str, str], store: LocalStore, to: Path, report: BackupReport
-) -> list[str]:
-    """Link or copy each bundle's file into `to`, keeping those already there from an earlier
-    snapshot and removing those no row of this one has; the storage paths of files not found."""
-    for kept in _files_under(to):
+def _link_files(rows: dict[str, str], store: LocalStore, staging: Path) -> list[str]:
+    """Hard-link each bundle's file into `staging` (unless there from an earlier snapshot),
+    removing those no row of this snapshot has; the storage paths of files not found."""
+    for kept in _files_under(staging):
         if kept not in rows:
-            (to / kept).unlink()
-    copies = LocalStore(to, public_url=store.public_url, secret_key=store.secret_key)
+            (staging / kept).unlink()
+    linked = LocalStore(staging, public_url=store.public_url, secret_key=store.secret_key)
     gone = []
-    report.files = 0
-    for storage_path, checksum in sorted(rows.items()):
+    for storage_path in rows:
         try:
-            source, target = store.path_for(storage_path), copies.path_for(storage_path)
-            if not target.is_file():
-                _link_or_copy(source, target)
+            source, target = store.path_for(storage_path), linked.path_for(storage_path)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.link(source, target)  # the same bytes, never rewritten: nothing to copy
         except (FileNotFoundError, ObjectNotFound):
             gone.append(storage_path)
-            continue
+    return gone
+
+
+def _files_checked(rows: dict[str, str], staging: Path, files: Path) -> int:
+    """Copy each linked file from `staging` into `files` (when they differ), and check it
+    against its bundle's checksum; how many there are."""
+    count = 0
+    for storage_path, checksum in sorted(rows.items()):
+        source, target = staging / storage_path, files / storage_path
+        if not source.exists():
+            continue  # missing in the install: reported
+        if source != target:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
         if file_checksum(target) != checksum:
             raise BackupError(
                 f"the file of the bundle at {storage_path} does not match its checksum in the"
                 " install; restore the file or delete the bundle, then run backup again"
             )
-        report.files += 1
-    return gone
+        count += 1
+    return count
 
 
 def _files_under(root: Path) -> list[str]:
@@ -210,13 +254,23 @@ def _files_under(root: Path) -> list[str]:
     return [path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file()]
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+_RENAME_NOREPLACE = 1
+
+
+def _rename_new(source: Path, target: Path) -> None:
+    """Rename `source` to `target`, which must not exist: `os.rename` would replace an empty
+    directory made there meanwhile. Linux's renameat2 refuses it; elsewhere, a rename."""
     try:
-        os.link(source, target)  # the same bytes, never rewritten: nothing to copy
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-            raise
-        shutil.copyfile(source, target)
-        with open(target, "rb") as handle:
-            os.fsync(handle.fileno())
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        os.rename(source, target)
+        return
+    at_cwd = -100
+    if renameat2(at_cwd, os.fsencode(source), at_cwd, os.fsencode(target), _RENAME_NOREPLACE):
+        code = ctypes.get_errno()
+        if code in (errno.ENOSYS, errno.EINVAL):  # not on this kernel or filesystem
+            os.rename(source, target)
+            return
+        if code == errno.EEXIST:
+            raise BackupError(f"{target} appeared while the backup ran; name a new directory")
+        raise OSError(code, os.strerror(code), str(target))

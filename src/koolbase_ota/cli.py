@@ -57,9 +57,9 @@ class CliError(Exception):
     """A failure to report on one line, without a traceback."""
 
 
-def _settings() -> Settings:
+def _settings(*, create: bool = True) -> Settings:
     try:
-        return Settings().resolved()
+        return Settings().resolved(create=create)
     except ValidationError as exc:
         # Name the variable and the rule, never the value: it may be a secret.
         problems = "; ".join(
@@ -715,17 +715,26 @@ def cmd_backup(args: argparse.Namespace) -> None:
 
     from koolbase_ota.backup import back_up
 
-    settings = _settings()
-    # Not migrated first, unlike every other command: a backup is what one takes before an
-    # upgrade, so it copies the database at the revision it is at.
+    # Neither the data dir nor a key is made for a command that only reads an install (a
+    # mistyped KOOLBASE_OTA_DATA_DIR got a new key); nor is the database migrated first: a
+    # backup is what one takes before an upgrade, so it copies it at the revision it is at.
+    settings = _settings(create=False)
+    target = Path(args.directory).expanduser().absolute()
+    # Stopped by a service manager or `timeout` (SIGTERM), as by Ctrl-C: the partial copy,
+    # up to the size of every bundle, is removed on the way out.
+    previous = {
+        number: signal.signal(number, _exit_on_sigterm)
+        for number in (signal.SIGTERM, signal.SIGHUP)
+    }
     try:
-        report = back_up(settings, Path(args.directory))
+        report = back_up(settings, target)
     except OSError as exc:
-        where = f" ({exc.filename})" if exc.filename else ""
-        raise CliError(f"could not write the backup: {exc.strerror or exc}{where}") from None
+        raise CliError(f"could not make the backup in {target}: {exc.strerror or exc}") from None
     except sqlite3.Error as exc:
         raise CliError(f"could not copy the database: {exc}") from None
-    target = Path(args.directory).expanduser().absolute()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     if args.json:
         _print_json(
             {
@@ -735,6 +744,7 @@ def cmd_backup(args: argparse.Namespace) -> None:
                 "files": report.files,
                 "missing": report.missing,
                 "files_in_s3": report.files_in_s3,
+                "copied": report.copied,
             }
         )
     else:
@@ -744,17 +754,24 @@ def cmd_backup(args: argparse.Namespace) -> None:
             files = "the bundle files stay in the S3 store"
         else:
             files = f"{_counted(report.files, 'bundle file')}, each matching its checksum"
-        extras = f"; with {' and '.join(report.extras)}" if report.extras else ""
+        extras = f"; with {' and '.join(report.copied)}" if report.copied else ""
         print(
             f"backed up {_counted(report.projects, 'project')} and"
             f" {_counted(report.bundles, 'bundle')} to {target} ({files}{extras})"
         )
-        unset = " and KOOLBASE_OTA_DATABASE_URL unset"
-        if not report.files_in_s3:
-            unset = ", KOOLBASE_OTA_DATABASE_URL and KOOLBASE_OTA_STORAGE_URL unset"
+        if _set_in_environment("KOOLBASE_OTA_SECRET_KEY"):
+            print(
+                "the server signs with KOOLBASE_OTA_SECRET_KEY, which is not in the backup: keep"
+                " it with the backup (a restore without it signs with another key)"
+            )
+        keep = (
+            "KOOLBASE_OTA_DATABASE_URL unset (and the S3 settings as they are)"
+            if report.files_in_s3
+            else "KOOLBASE_OTA_DATABASE_URL and KOOLBASE_OTA_STORAGE_URL unset"
+        )
         print(
-            f"to restore: stop the server, then serve with KOOLBASE_OTA_DATA_DIR={target}{unset}"
-            " (or move the directory's contents into the data dir)"
+            f"to restore: stop the server, then serve with KOOLBASE_OTA_DATA_DIR={target} and"
+            f" {keep}, or put the directory in the data dir's place"
         )
     if report.missing:
         raise SystemExit(1)

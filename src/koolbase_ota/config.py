@@ -247,14 +247,17 @@ class Settings(BaseSettings):
         }
         return {name: value for name, value in given.items() if value}
 
-    def resolved(self) -> Settings:
-        """Fill the defaults that depend on the data dir; creates the dir and the secret key."""
+    def resolved(self, *, create: bool = True) -> Settings:
+        """Fill the defaults that depend on the data dir; creates the dir and the secret key,
+        unless `create` is false (a command that only reads an install: the key is then the
+        variable's, or empty)."""
         data_dir = self.data_dir.expanduser().resolve()
-        # Created owner-only: it holds the secret key and the credentials of the first project.
-        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if create:
+            # Owner-only: it holds the secret key and the credentials of the first project.
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         database_url = self.database_url or f"sqlite:///{data_dir / 'koolbase-ota.db'}"
         storage_url = self.storage_url or (data_dir / "bundles").as_uri()
-        secret_key = self.secret_key or load_or_create_secret_key(data_dir)
+        secret_key = self.secret_key or (load_or_create_secret_key(data_dir) if create else "")
         return self.model_copy(
             update={
                 "data_dir": data_dir,
