@@ -89,6 +89,23 @@ def test_serve_tries_a_database_it_cannot_reach_for_a_while_then_exits(tmp_path:
     assert "hunter2secret" not in served.stderr
 
 
+def test_serve_waits_for_a_socket_not_there_yet(tmp_path: Path) -> None:
+    """A local PostgreSQL on its Unix socket, not started yet: libpq fails at once there, which
+    psycopg words as for a URL option it refuses ("connection is bad"), and it was not waited
+    for (found by review, helper-44)."""
+    sockets = tmp_path / "sockets"
+    sockets.mkdir()
+    env = cli_env(
+        tmp_path,
+        KOOLBASE_OTA_DATABASE_URL=f"postgresql://postgres@/postgres?host={sockets}",
+        KOOLBASE_OTA_DATABASE_START_WAIT_SECONDS="1",
+    )
+    served = run_cli(tmp_path, "serve", "--host", "127.0.0.1", "--port", "1", env=env)
+    assert served.returncode == 1
+    assert "No such file or directory; trying again for up to" in served.stderr
+    assert re.search(r"No such file or directory \(tried for \d+\.\d s\)\n$", served.stderr)
+
+
 def test_serve_ends_its_wait_on_sigterm(tmp_path: Path) -> None:
     """Also where SIGTERM is ignored by default: as PID 1 of a container without an init, the
     wait outlasted `docker stop`'s grace period (a handler is what makes it end there)."""
@@ -135,10 +152,17 @@ def test_serve_ends_its_wait_on_sigterm(tmp_path: Path) -> None:
         # driver's error ("failed to resolve host '2secret@127.0.0.1'").
         (
             "postgresql://ota:hunter@2secret@127.0.0.1:1/ota",
-            "error: the database URL has an @ in its user name or password: write it as %40",
+            "error: the database URL has an @ besides the one before its host (in the user"
+            " name, the password or the query): write it as %40",
+        ),
+        # Without a password, an @ in the query made the user name run into the host.
+        (
+            "postgresql://ota@[::1]:1/ota?application_name=a@b",
+            "error: the database URL has an @ besides the one before its host (in the user"
+            " name, the password or the query): write it as %40",
         ),
     ],
-    ids=["sslmode", "port", "at-sign"],
+    ids=["sslmode", "port", "at-sign", "at-sign-in-query"],
 )
 def test_serve_does_not_wait_for_a_url_that_cannot_work(
     tmp_path: Path, url: str, error: str

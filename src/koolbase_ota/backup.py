@@ -20,10 +20,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import shutil
 import sqlite3
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -45,6 +48,7 @@ MAX_SNAPSHOTS = 5
 #: Where files are staged on the store's filesystem when the copy is on another one (outside
 #: the store's `ota/` keys, which `gc` lists).
 STAGING_PREFIX = ".backup-staging-"
+_LOCK_FILE = ".lock"
 
 
 class BackupError(InvalidInput):
@@ -89,8 +93,10 @@ def back_up(settings: Settings, target: Path) -> BackupReport:
     roots = [(settings.data_dir, "the data dir")]
     if local is not None:  # `gc` would take a copy in the store for orphaned files
         roots.append((local.root, "the bundle store"))
+    copy = parent / target.name
     for root, what in roots:
-        if parent.is_relative_to(root):
+        # Inside it, or it inside the copy (a store not made yet, whose place it would take).
+        if parent.is_relative_to(root) or root.is_relative_to(copy):
             raise BackupError(f"{target} is inside {what}; name a directory outside it")
     # Owner-only, as the data dir: it holds the signing key and the hashes of every secret.
     partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=parent))
@@ -111,17 +117,21 @@ def _copy_install(
     copy = to / DATABASE_FILE
     report = BackupReport(files_in_s3=store is None)
     files = to / BUNDLES_DIR
-    staging = files
-    if store is not None and not _same_filesystem(store.root, to):
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=store.root))
-    try:
-        rows = _linked_snapshot(database, copy, store, staging, report)
+    with contextlib.ExitStack() as cleanup:
+        staging = files
+        try:
+            rows = _linked_snapshot(database, copy, store, staging, report)
+        except _CrossDevice:
+            # Not linkable there: another filesystem, or another mount of the same one (a
+            # container's volumes), which st_dev does not tell apart. Staged by links beside
+            # the store, copied from there.
+            assert store is not None
+            shutil.rmtree(files, ignore_errors=True)
+            staging = cleanup.enter_context(_staging_directory(store.root))
+            rows = _linked_snapshot(database, copy, store, staging, report)
         if store is not None:
             report.missing = sorted(path for path in rows if not (staging / path).exists())
             report.files = _files_checked(rows, staging, files)
-    finally:
-        if staging != files:
-            shutil.rmtree(staging, ignore_errors=True)
     for name in DATA_DIR_FILES:
         source = data_dir / name
         if source.is_file():
@@ -129,6 +139,34 @@ def _copy_install(
             (to / name).chmod(0o600)
             report.copied.append(name)
     return report
+
+
+class _CrossDevice(Exception):
+    """A bundle file cannot be hard-linked into the copy (EXDEV)."""
+
+
+@contextlib.contextmanager
+def _staging_directory(root: Path) -> Iterator[Path]:
+    """A new staging directory in the store's root, held (a lock on a file in it) while it is
+    used and removed after; first, those of backups that ended without removing theirs (killed)
+    are removed: nothing holds them, and their links would keep deleted bundles' space."""
+    for stale in root.glob(STAGING_PREFIX + "*"):
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime < 60:
+                continue  # just made by a backup starting: not locked yet
+        with contextlib.suppress(OSError), open(stale / _LOCK_FILE, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # another backup's, under way
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root))
+    try:
+        with open(staging / _LOCK_FILE, "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _linked_snapshot(
@@ -153,13 +191,6 @@ def _linked_snapshot(
         f"bundles were deleted while their files were linked, {MAX_SNAPSHOTS} times in a row;"
         " run backup again"
     )
-
-
-def _same_filesystem(a: Path, b: Path) -> bool:
-    try:
-        return a.stat().st_dev == b.stat().st_dev
-    except FileNotFoundError:  # no bundle stored yet: nothing will be linked
-        return True
 
 
 def _snapshot(database: Path, copy: Path) -> None:
@@ -213,7 +244,7 @@ def _link_files(rows: dict[str, str], store: LocalStore, staging: Path) -> list[
     """Hard-link each bundle's file into `staging` (unless there from an earlier snapshot),
     removing those no row of this snapshot has; the storage paths of files not found."""
     for kept in _files_under(staging):
-        if kept not in rows:
+        if kept not in rows and kept != _LOCK_FILE:
             (staging / kept).unlink()
     linked = LocalStore(staging, public_url=store.public_url, secret_key=store.secret_key)
     gone = []
@@ -225,6 +256,10 @@ def _link_files(rows: dict[str, str], store: LocalStore, staging: Path) -> list[
                 os.link(source, target)  # the same bytes, never rewritten: nothing to copy
         except (FileNotFoundError, ObjectNotFound):
             gone.append(storage_path)
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                raise _CrossDevice from None
+            raise
     return gone
 
 

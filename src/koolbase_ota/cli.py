@@ -729,7 +729,10 @@ def cmd_backup(args: argparse.Namespace) -> None:
     try:
         report = back_up(settings, target)
     except OSError as exc:
-        raise CliError(f"could not make the backup in {target}: {exc.strerror or exc}") from None
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise CliError(
+            f"could not make the backup in {target}: {exc.strerror or exc}{where}"
+        ) from None
     except sqlite3.Error as exc:
         raise CliError(f"could not copy the database: {exc}") from None
     finally:
@@ -770,8 +773,8 @@ def cmd_backup(args: argparse.Namespace) -> None:
             else "KOOLBASE_OTA_DATABASE_URL and KOOLBASE_OTA_STORAGE_URL unset"
         )
         print(
-            f"to restore: stop the server, then serve with KOOLBASE_OTA_DATA_DIR={target} and"
-            f" {keep}, or put the directory in the data dir's place"
+            f"to restore: stop the server, then serve with KOOLBASE_OTA_DATA_DIR={target} (or"
+            f" with the directory put in the data dir's place) and {keep}"
         )
     if report.missing:
         raise SystemExit(1)

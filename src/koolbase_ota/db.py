@@ -95,11 +95,13 @@ def _create_db_engine(url: str, *, timeout_seconds: float, connections: int | No
     parsed = make_url(url)
     if parsed.port is not None and not 1 <= parsed.port <= 65535:
         raise ValueError("no such port")
-    if parsed.host and "@" in parsed.host:
-        # `user:p@ss@host`: the password ends at its first @, the rest of it became the host,
-        # and the driver's error named it ("failed to resolve host 'ss@host'").
+    if "@" in (parsed.host or "") or "@" in (parsed.username or ""):
+        # `user:p@ss@host`: the password ended at its first @, the rest of it became the host,
+        # and the driver's error named it ("failed to resolve host 'ss@host'"); an @ in the
+        # query made the user name run into the host the same way.
         raise InvalidInput(
-            "the database URL has an @ in its user name or password: write it as %40"
+            "the database URL has an @ besides the one before its host (in the user name,"
+            " the password or the query): write it as %40"
         )
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -312,9 +314,14 @@ def upgrade_schema(engine: Engine, *, lock_dir: Path) -> str | None:
         # The driver's first line says what went wrong (refused, unknown host, bad password,
         # a timeout) and never holds the password itself.
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else "unknown"
-        # No statement: no connection was made. "connection is bad" is libpq refusing the
-        # URL's options (an sslmode it does not know) before it tried.
-        unreachable = exc.statement is None and not reason.startswith("connection is bad")
+        # No statement: no connection was made; unless libpq refused the URL's options (an
+        # sslmode it does not know) before it tried any server. (psycopg says "connection is
+        # bad" for those, and for a server libpq failed at once: no socket file, no route.)
+        unreachable = exc.statement is None and (
+            not reason.startswith("connection is bad")
+            or "connection to server" in reason
+            or "resolve host" in reason
+        )
         raise (DatabaseUnreachable if unreachable else DatabaseUnavailable)(
             f"cannot use the database: {reason}"
         ) from None
