@@ -7,12 +7,12 @@ between the two copies leaves a row without its file.
 
 The database is copied with SQLite's online backup in one step (one snapshot, however much is
 written meanwhile). Then each of its bundles' files is hard-linked (bundle files are never
-rewritten), into the copy when it is on the store's filesystem, else into a staging directory
-beside the store: linking every file takes milliseconds, so a file deleted after the snapshot
-(its bundle deleted) is found at once and the snapshot taken again, and every row of the copy
-has its file. Only then are files copied across filesystems and each checked against its
-checksum. The copy is made beside DIR, synced, and renamed to it when whole: an interrupted
-backup leaves no DIR.
+rewritten), into the copy, or, where a link cannot reach it (another filesystem or mount), into
+a staging directory in the store's directory: linking every file takes milliseconds, so a
+file deleted after the snapshot (its bundle deleted) is found at once and the snapshot taken
+again, and every row of the copy has its file. Only then are staged files copied and each
+file checked against its checksum. The copy is made beside DIR, synced, and renamed to it
+when whole: an interrupted backup leaves no DIR.
 """
 
 from __future__ import annotations
