@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from koolbase_ota.sdk.cache import CheckCache
+from koolbase_ota.sdk.cache import RECOVERED_AFTER_POLLS, CheckCache
 
 POLL_SECONDS = 0.001
 
@@ -69,3 +69,21 @@ def test_a_different_failure_during_an_outage_is_logged(caplog: pytest.LogCaptur
     lines = _lines(caplog)
     assert any("OperationalError" in line for line in lines), lines
     assert any("TypeError" in line for line in lines), lines
+
+
+def test_works_again_is_said_once_it_has_worked_a_while_and_a_failure_after_it_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A database failing every other poll logged "works again" at its first good poll, then
+    nothing for a minute while it went on failing: the log ended on "works again"."""
+    caplog.set_level(logging.WARNING, logger="koolbase_ota.sdk.cache")
+    flapping = [_down() if i % 2 == 0 else None for i in range(100)]
+    steady = [None] * RECOVERED_AFTER_POLLS
+    asyncio.run(_poll([*flapping, *steady, _down(), None]))
+    lines = _lines(caplog)
+    assert lines == [
+        "cache refresh failed, serving cached answers: OperationalError (1 failed)",
+        "cache refresh works again, after 50 failed",
+        # A new outage after the recovery line: at once, not a minute after the first line.
+        "cache refresh failed, serving cached answers: OperationalError (1 failed)",
+    ]

@@ -65,6 +65,9 @@ ANSWER_REUSE_SECONDS = 1.0
 EXPIRY_ROUNDING_SECONDS = 1.0
 #: While the change log cannot be read, a line about it at most this often.
 REFRESH_FAILURE_LOG_SECONDS = 60.0
+#: After a logged failure, how many polls in a row must work for "works again" to be logged
+#: (5 s at the default interval).
+RECOVERED_AFTER_POLLS = 25
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -699,11 +702,12 @@ class CheckCache:
         """Refresh forever; a failing database leaves the cache as it is (stale if error).
 
         A failure is logged when its kind is new, else at most every
-        `REFRESH_FAILURE_LOG_SECONDS`, and the first success after a logged failure once: at
-        the default interval an outage logged five lines a second from every worker, and a
-        database failing every other poll as many.
+        `REFRESH_FAILURE_LOG_SECONDS`; the recovery once, when `RECOVERED_AFTER_POLLS` polls
+        in a row have worked, and a failure after it at once. At the default interval an
+        outage logged five lines a second from every worker; a database failing every other
+        poll logged "works again" and then nothing while it went on failing.
         """
-        failures = 0  # in a row
+        failures = worked = 0  # failed since the last recovery; worked in a row
         logged_at, logged_kind, unresolved = -math.inf, "", False
         while True:
             await asyncio.sleep(every_seconds)
@@ -716,17 +720,19 @@ class CheckCache:
             try:
                 await self.refresh()
             except Exception as exc:
-                failures += 1
+                failures, worked = failures + 1, 0
                 kind, now = type(exc).__name__, time.monotonic()
                 if kind != logged_kind or now - logged_at >= REFRESH_FAILURE_LOG_SECONDS:
                     logged_at, logged_kind, unresolved = now, kind, True
                     logger.warning(
-                        "cache refresh failed, serving cached answers: %s (%d failed in a row)",
+                        "cache refresh failed, serving cached answers: %s (%d failed)",
                         kind,
                         failures,
                     )
             else:
-                if unresolved:
+                worked += 1
+                if not unresolved:
+                    failures = 0
+                elif worked >= RECOVERED_AFTER_POLLS:
                     logger.warning("cache refresh works again, after %d failed", failures)
-                    unresolved = False
-                failures = 0
+                    failures, logged_kind, unresolved = 0, "", False
