@@ -36,7 +36,7 @@ from tests.conftest import (
     uploaded,
 )
 from tests.services import SeaweedService
-from tests.test_cli import CONSOLE_SCRIPT, cli_env, run_cli
+from tests.test_cli import cli_env, run_cli, terminated_once
 from tests.test_e2e import auth, serving
 
 CHECK = "/v1/sdk/ota/check"
@@ -404,27 +404,18 @@ def test_sigterm_removes_the_partial_copy(embedded: RunningServer, tmp_path: Pat
     bundle_file = embedded.settings.data_dir / "bundles" / storage_path
     bundle_file.unlink()
     os.mkfifo(bundle_file)
-    env = cli_env(embedded.settings.data_dir)
-    copying = subprocess.Popen(
-        [str(CONSOLE_SCRIPT), "backup", str(tmp_path / "copy")],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
 
-        def reading_the_fifo() -> bool:
+    def reading_the_fifo(_copying: subprocess.Popen[bytes]) -> None:
+        def held() -> bool:
             partial = [p for p in tmp_path.iterdir() if p.name.startswith(".copy.partial-")]
             return any(path.is_fifo() for p in partial for path in p.rglob("*.zip"))
 
-        eventually(reading_the_fifo, "the copy under way", within=30)
+        eventually(held, "the copy under way", within=30)
         time.sleep(0.5)  # from linking it to opening it
-        copying.terminate()
-        _, stderr = copying.communicate(timeout=30)
-    finally:
-        if copying.poll() is None:
-            copying.kill()
-            copying.wait()
-    assert copying.returncode == 128 + signal.SIGTERM, stderr
+
+    returncode, stderr = terminated_once(
+        cli_env(embedded.settings.data_dir), ["backup", str(tmp_path / "copy")], reading_the_fifo
+    )
+    assert returncode == 128 + signal.SIGTERM, stderr
     assert stderr == b""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

@@ -18,7 +18,7 @@ import sqlite3
 import stat
 import subprocess
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +95,25 @@ def run_cli(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> Cl
     """Run `koolbase-ota ARGS` against `data_dir`; never raises on a non-zero exit."""
     (result,) = run_cli_all(data_dir, [args], env=env)
     return result
+
+
+def terminated_once(
+    env: dict[str, str], args: Sequence[str], ready: Callable[[subprocess.Popen[bytes]], None]
+) -> tuple[int, bytes]:
+    """Start `koolbase-ota ARGS`, send it SIGTERM once `ready(process)` returns, and give its
+    exit status and what it wrote to stderr after that; it is killed if it outlives the test."""
+    process = subprocess.Popen(
+        [str(CONSOLE_SCRIPT), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        ready(process)
+        process.terminate()
+        _, stderr = process.communicate(timeout=CLI_TIMEOUT_SECONDS)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return process.returncode, stderr
 
 
 def ok(data_dir: Path, *args: str) -> CliResult:

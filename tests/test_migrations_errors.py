@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import eventually
 from tests.services import PostgresService, free_ports
-from tests.test_cli import CONSOLE_SCRIPT, DB_FILE, CliResult, cli_env, ok, run_cli
+from tests.test_cli import DB_FILE, CliResult, cli_env, ok, run_cli, terminated_once
 from tests.test_e2e import launch, stop, wait_until_answering
 
 
@@ -115,23 +115,15 @@ def test_serve_ends_its_wait_on_sigterm(tmp_path: Path) -> None:
         KOOLBASE_OTA_DATABASE_URL=f"postgresql://ota:pw@127.0.0.1:{port}/ota",
         KOOLBASE_OTA_DATABASE_START_WAIT_SECONDS="60",
     )
-    server = subprocess.Popen(
-        [str(CONSOLE_SCRIPT), "serve", "--host", "127.0.0.1", "--port", "1"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
+
+    def waiting(server: subprocess.Popen[bytes]) -> None:
         assert server.stderr is not None
-        first = server.stderr.readline().decode()
-        assert "trying again" in first
-        server.terminate()
-        _, rest = server.communicate(timeout=30)
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-    assert server.returncode == 128 + signal.SIGTERM
+        assert "trying again" in server.stderr.readline().decode()
+
+    returncode, rest = terminated_once(
+        env, ["serve", "--host", "127.0.0.1", "--port", "1"], waiting
+    )
+    assert returncode == 128 + signal.SIGTERM
     assert rest == b""  # no traceback, no error line: it was asked to stop
 
 

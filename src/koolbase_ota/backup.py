@@ -177,8 +177,7 @@ def _linked_snapshot(
     for _ in range(MAX_SNAPSHOTS):
         _snapshot(database, copy)
         report.snapshots += 1
-        rows = _bundle_rows(copy)
-        report.projects = _count_projects(copy)
+        rows, report.projects = _read_copy(copy)
         report.bundles = len(rows)
         if store is None:
             return rows
@@ -210,8 +209,8 @@ def _open_install(database: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{quote(str(database))}?mode=rw", uri=True, timeout=30)
 
 
-def _bundle_rows(database: Path) -> dict[str, str]:
-    """storage path -> checksum of every bundle of `database`."""
+def _read_copy(database: Path) -> tuple[dict[str, str], int]:
+    """storage path -> checksum of every bundle of `database`, and how many projects it has."""
     with contextlib.closing(sqlite3.connect(database)) as connection:
         try:
             rows = connection.execute("SELECT storage_path, checksum FROM bundles").fetchall()
@@ -222,13 +221,8 @@ def _bundle_rows(database: Path) -> dict[str, str]:
                 "the database has no koolbase-ota tables: nothing to back up (a server never"
                 " started on it, or KOOLBASE_OTA_DATA_DIR names another directory)"
             ) from None
-        return dict(rows)
-
-
-def _count_projects(database: Path) -> int:
-    with contextlib.closing(sqlite3.connect(database)) as connection:
-        (count,) = connection.execute("SELECT count(*) FROM projects").fetchone()
-        return int(count)
+        (projects,) = connection.execute("SELECT count(*) FROM projects").fetchone()
+        return dict(rows), int(projects)
 
 
 def _still_there(database: Path, paths: list[str]) -> bool:

@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -110,8 +110,7 @@ def _upgrade_when_reachable(engine: Engine, settings: Settings) -> str | None:
     began = time.monotonic()
     deadline = began + settings.database_start_wait_seconds
     pause, logged = 0.5, ""
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
+    with _exiting_on(signal.SIGTERM):
         while True:
             try:
                 revision = upgrade_schema(engine, lock_dir=settings.data_dir)
@@ -136,12 +135,22 @@ def _upgrade_when_reachable(engine: Engine, settings: Settings) -> str | None:
             if logged:
                 logger.info("the database can be used now")
             return revision
+
+
+@contextlib.contextmanager
+def _exiting_on(*signals: signal.Signals) -> Iterator[None]:
+    """Inside the block, each of `signals` exits (status 128 + its number) by SystemExit, so
+    cleanups run; also as PID 1 in a container, where SIGTERM is otherwise ignored."""
+
+    def exit_(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {number: signal.signal(number, exit_) for number in signals}
+    try:
+        yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _exit_on_sigterm(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 #: Every engine this command opened, closed by `run` before it exits (SQLite checkpoints its
@@ -720,14 +729,11 @@ def cmd_backup(args: argparse.Namespace) -> None:
     # backup is what one takes before an upgrade, so it copies it at the revision it is at.
     settings = _settings(create=False)
     target = Path(args.directory).expanduser().absolute()
-    # Stopped by a service manager or `timeout` (SIGTERM), as by Ctrl-C: the partial copy,
-    # up to the size of every bundle, is removed on the way out.
-    previous = {
-        number: signal.signal(number, _exit_on_sigterm)
-        for number in (signal.SIGTERM, signal.SIGHUP)
-    }
     try:
-        report = back_up(settings, target)
+        # Stopped by a service manager or `timeout` (SIGTERM), as by Ctrl-C: the partial
+        # copy, up to the size of every bundle, is removed on the way out.
+        with _exiting_on(signal.SIGTERM, signal.SIGHUP):
+            report = back_up(settings, target)
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         raise CliError(
@@ -735,9 +741,6 @@ def cmd_backup(args: argparse.Namespace) -> None:
         ) from None
     except sqlite3.Error as exc:
         raise CliError(f"could not copy the database: {exc}") from None
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
     if args.json:
         _print_json(
             {
