@@ -39,21 +39,21 @@ def test_a_database_a_newer_version_migrated_is_refused_in_one_line(tmp_path: Pa
     "command",
     [
         ("db", "upgrade"),
-        # It migrates before it listens: without a wait it exits, for a service manager to
-        # start it again (docs/DEPLOYMENT.md), and never binds the port.
-        ("serve", "--host", "127.0.0.1", "--port", "1"),
+        # It migrates before its workers start: without a wait it exits, for a service
+        # manager to start it again (docs/DEPLOYMENT.md).
+        ("serve", "--host", "127.0.0.1", "--port", "PORT"),
     ],
     ids=" ".join,
 )
 def test_an_unreachable_database_is_one_error_line(
     tmp_path: Path, command: tuple[str, ...]
 ) -> None:
-    (port,) = free_ports(1)  # nothing listens there
+    port, served = free_ports(2)  # nothing listens at the first
     url = f"postgresql://ota:hunter2secret@127.0.0.1:{port}/ota"
     env = cli_env(
         tmp_path, KOOLBASE_OTA_DATABASE_URL=url, KOOLBASE_OTA_DATABASE_START_WAIT_SECONDS="0"
     )
-    result = run_cli(tmp_path, *command, env=env)
+    result = run_cli(tmp_path, *(str(served) if c == "PORT" else c for c in command), env=env)
     assert result.returncode == 1
     assert result.stderr.startswith("error: cannot use the database: connection failed")
     assert result.stderr.count("\n") == 1
@@ -62,7 +62,7 @@ def test_an_unreachable_database_is_one_error_line(
 
 def test_serve_tries_a_database_it_cannot_reach_for_a_while_then_exits(tmp_path: Path) -> None:
     """`db upgrade` (like every command but `serve`) fails at once, for a script to see."""
-    (port,) = free_ports(1)
+    port, served_port = free_ports(2)
     env = cli_env(
         tmp_path,
         KOOLBASE_OTA_DATABASE_URL=f"postgresql://ota:hunter2secret@127.0.0.1:{port}/ota",
@@ -70,7 +70,7 @@ def test_serve_tries_a_database_it_cannot_reach_for_a_while_then_exits(tmp_path:
     )
     upgrade = run_cli(tmp_path, "db", "upgrade", env=env)
     began = time.monotonic()
-    served = run_cli(tmp_path, "serve", "--host", "127.0.0.1", "--port", "1", env=env)
+    served = run_cli(tmp_path, "serve", "--host", "127.0.0.1", "--port", str(served_port), env=env)
     assert upgrade.returncode == served.returncode == 1
     assert upgrade.stderr.count("\n") == 1
     assert "trying again" not in upgrade.stderr
@@ -100,7 +100,9 @@ def test_serve_waits_for_a_socket_not_there_yet(tmp_path: Path) -> None:
         KOOLBASE_OTA_DATABASE_URL=f"postgresql://postgres@/postgres?host={sockets}",
         KOOLBASE_OTA_DATABASE_START_WAIT_SECONDS="1",
     )
-    served = run_cli(tmp_path, "serve", "--host", "127.0.0.1", "--port", "1", env=env)
+    served = run_cli(
+        tmp_path, "serve", "--host", "127.0.0.1", "--port", str(free_ports(1)[0]), env=env
+    )
     assert served.returncode == 1
     assert "No such file or directory; trying again for up to" in served.stderr
     assert re.search(r"No such file or directory \(tried for \d+\.\d s\)\n$", served.stderr)
@@ -109,7 +111,7 @@ def test_serve_waits_for_a_socket_not_there_yet(tmp_path: Path) -> None:
 def test_serve_ends_its_wait_on_sigterm(tmp_path: Path) -> None:
     """Also where SIGTERM is ignored by default: as PID 1 of a container without an init, the
     wait outlasted `docker stop`'s grace period (a handler is what makes it end there)."""
-    (port,) = free_ports(1)
+    port, served_port = free_ports(2)
     env = cli_env(
         tmp_path,
         KOOLBASE_OTA_DATABASE_URL=f"postgresql://ota:pw@127.0.0.1:{port}/ota",
@@ -121,7 +123,7 @@ def test_serve_ends_its_wait_on_sigterm(tmp_path: Path) -> None:
         assert "trying again" in server.stderr.readline().decode()
 
     returncode, rest = terminated_once(
-        env, ["serve", "--host", "127.0.0.1", "--port", "1"], waiting
+        env, ["serve", "--host", "127.0.0.1", "--port", str(served_port)], waiting
     )
     assert returncode == 128 + signal.SIGTERM
     assert rest == b""  # no traceback, no error line: it was asked to stop
@@ -169,7 +171,9 @@ def _serve_with_the_default_wait(tmp_path: Path, url: str) -> tuple[CliResult, f
     """`serve` on the database at `url`, and how long it took to exit."""
     began = time.monotonic()
     env = cli_env(tmp_path, KOOLBASE_OTA_DATABASE_URL=url)
-    result = run_cli(tmp_path, "serve", "--host", "127.0.0.1", "--port", "1", env=env)
+    result = run_cli(
+        tmp_path, "serve", "--host", "127.0.0.1", "--port", str(free_ports(1)[0]), env=env
+    )
     return result, time.monotonic() - began
 
 

@@ -12,6 +12,7 @@ import logging.config
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -24,7 +25,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from koolbase_ota import __version__, audit
+from koolbase_ota import __version__, audit, starting
 from koolbase_ota.clock import rfc3339
 from koolbase_ota.config import SECRET_KEY_FILE, Settings
 from koolbase_ota.db import (
@@ -256,20 +257,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
             "store them in S3)",
             settings.storage_url,
         )
-    db = _database(settings, announce=True, wait=True)
-    if not is_sqlite(db.engine) and not _set_in_environment("KOOLBASE_OTA_SECRET_KEY"):
-        # Processes each with a data dir of their own made a key each: every one signed the
-        # code-push answers (and embedded download URLs) with its own, without a word.
-        logger.warning(
-            "KOOLBASE_OTA_SECRET_KEY is not set: this process signs with the key in %s; "
-            "every process sharing this database must sign with the same key, so set it to "
-            "the same value in each",
-            settings.data_dir / SECRET_KEY_FILE,
-        )
-    credentials = ensure_default_project(settings, db)
-    if credentials is not None:
-        logger.info("created project 'default'; its credentials are in %s", credentials)
-    db.dispose()
+    try:
+        sock = starting.listening_socket(args.host, args.port)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    # Until the workers take the socket, health probes and clients get answers (503 but for
+    # /healthz), not refused connections, however long the database takes.
+    responder = starting.Responder(sock)
+    responder.start()
+    try:
+        _make_ready(settings)
+    except BaseException:
+        responder.stop()
+        sock.close()
+        raise
+    responder.stop()
     if args.workers > 1:
         # Each worker counts in files here; /metrics on any worker adds them all up.
         metrics_dir = settings.data_dir / "metrics"
@@ -285,9 +287,29 @@ def cmd_serve(args: argparse.Namespace) -> None:
         settings.data_dir,
     )
     if settings.server_interface == "uvicorn":
-        _serve_uvicorn(args, settings)
+        _serve_uvicorn(args, settings, sock)
     else:
+        # granian binds the address itself: it is free again a moment before it does.
+        sock.close()
         _serve_granian(args, settings)
+
+
+def _make_ready(settings: Settings) -> None:
+    """The database migrated (waited for, on PostgreSQL) and a first project made."""
+    db = _database(settings, announce=True, wait=True)
+    if not is_sqlite(db.engine) and not _set_in_environment("KOOLBASE_OTA_SECRET_KEY"):
+        # Processes each with a data dir of their own made a key each: every one signed the
+        # code-push answers (and embedded download URLs) with its own, without a word.
+        logger.warning(
+            "KOOLBASE_OTA_SECRET_KEY is not set: this process signs with the key in %s; "
+            "every process sharing this database must sign with the same key, so set it to "
+            "the same value in each",
+            settings.data_dir / SECRET_KEY_FILE,
+        )
+    credentials = ensure_default_project(settings, db)
+    if credentials is not None:
+        logger.info("created project 'default'; its credentials are in %s", credentials)
+    db.dispose()
 
 
 #: Where the hard limit is unlimited, the soft one is raised this far.
@@ -312,24 +334,39 @@ def _raise_open_file_limit() -> None:
             logger.warning("could not raise the open file limit from %d", soft)
 
 
-def _serve_uvicorn(args: argparse.Namespace, settings: Settings) -> None:
-    """uvicorn with our protocol (`koolbase_ota.httpserver`): warm checks answered inside the
-    HTTP parser's callbacks, files sent with sendfile(2)."""
+def _serve_uvicorn(args: argparse.Namespace, settings: Settings, sock: socket.socket) -> None:
+    """uvicorn with our protocol (`koolbase_ota.httpserver`), on the socket `serve` listens
+    on: warm checks answered inside the HTTP parser's callbacks, files sent with sendfile(2).
+
+    What `uvicorn.run` does, given a socket: its workers (`--workers N`) or its one server
+    take the socket listened on since the start, with the connections queued on it.
+    """
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
 
     from koolbase_ota.httpserver import uvicorn_options
 
-    uvicorn.run(
+    config = uvicorn.Config(
         "koolbase_ota.app:create_app_from_env",
         factory=True,
         host=args.host,
         port=args.port,
         workers=args.workers,
+        backlog=starting.BACKLOG,
         log_config=logging_config(settings.log_format),
         timeout_graceful_shutdown=10,
         timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS,
         **uvicorn_options(),
     )
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        if config.workers > 1:
+            Multiprocess(config, sockets=[sock]).run()
+        else:
+            server.run(sockets=[sock])
+    if config.workers == 1 and not server.started:
+        sys.exit(STARTUP_FAILURE)
 
 
 #: How long uvicorn's supervisor waits for a worker (`--workers N`) to answer its health ping
