@@ -10,6 +10,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import logging
+import re
 import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -217,17 +218,39 @@ class S3BundleStore:
         return obstore.sign(self._store, "GET", key, dt.timedelta(seconds=ttl_seconds))
 
     async def check(self) -> None:
+        """The bucket answers to these credentials: a GET of a key nobody writes is "no such
+        key". It was a HEAD, whose 404 has no body to tell that from "no such bucket": with a
+        misspelt bucket name /readyz said ready while every upload failed."""
         try:
-            await obstore.head_async(self._store, PROBE_KEY)
-        except FileNotFoundError:  # obstore's "not found", for keys and buckets alike
-            return  # the bucket answered, with the right credentials
+            # Not read: an object someone put at the probe key is an answer all the same.
+            await obstore.get_async(self._store, PROBE_KEY)
+        except FileNotFoundError as exc:  # obstore's "not found", for keys and buckets alike
+            if s3_error_code(exc) == "NoSuchBucket":
+                raise _unavailable("reach the bucket", exc) from exc
         except (BaseError, OSError) as exc:
             raise _unavailable("reach the object store", exc) from exc
+
+
+#: The code of an S3 error answer (`<Code>SignatureDoesNotMatch</Code>`), which obstore's
+#: messages hold when the answer had a body.
+_S3_CODE = re.compile(r"<Code>([A-Za-z0-9.]{1,64})</Code>")
+
+
+def s3_error_code(exc: BaseException) -> str | None:
+    """`NoSuchBucket`, `SignatureDoesNotMatch`, `InvalidAccessKeyId`, `AccessDenied`...: what
+    the store said, or None (a HEAD's answer has no body; a network error none at all)."""
+    match = _S3_CODE.search(str(exc))
+    return match[1] if match else None
 
 
 def _unavailable(
     action: str, exc: Exception, *, kind: type[StorageUnavailable] = StorageUnavailable
 ) -> StorageUnavailable:
     # obstore's messages name the URL but never the credentials; keep only the kind for clients.
-    logger.warning("object store: could not %s: %s", action, type(exc).__name__)
+    # The store's error code says which setting is wrong (a secret, a key id, a bucket name):
+    # a fixed identifier, logged; the rest of the message is not.
+    code = s3_error_code(exc)
+    logger.warning(
+        "object store: could not %s: %s%s", action, type(exc).__name__, f" ({code})" if code else ""
+    )
     return kind(f"could not {action}: the object store is unavailable")
