@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
+import resource
 import socket
 import threading
 import time
@@ -17,7 +19,7 @@ import pytest
 from koolbase_ota import starting
 from tests.conftest import assert_error, eventually
 from tests.services import PostgresService
-from tests.test_cli import DB_FILE, cli_env, run_cli
+from tests.test_cli import cli_env, run_cli
 from tests.test_e2e import launch, stop, wait_until_answering
 
 CHECK_PATH = "/v1/sdk/ota/check"
@@ -26,8 +28,8 @@ CHECK_PATH = "/v1/sdk/ota/check"
 @contextlib.contextmanager
 def responding() -> Iterator[tuple[socket.socket, starting.Responder, str]]:
     """A listening socket on a free port of 127.0.0.1 with a responder answering on it."""
-    sock = starting.listening_socket("127.0.0.1", 0)
-    responder = starting.Responder(sock)
+    (sock,) = starting.listening_sockets("127.0.0.1", 0)
+    responder = starting.Responder([sock])
     responder.start()
     try:
         yield sock, responder, f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -126,6 +128,117 @@ def test_stopping_leaves_the_socket_listening_with_its_queue_for_the_next_owner(
             assert waiting.recv(100) == b"next"
 
 
+def test_every_connection_taken_as_it_stops_is_answered_or_left_queued() -> None:
+    """Connections accepted but not yet read when it stopped (tasks not started) were
+    dropped without an answer (found by review, helper-45)."""
+    (sock,) = starting.listening_sockets("127.0.0.1", 0)
+    responder = starting.Responder([sock])
+    responder.start()
+    address = sock.getsockname()
+    clients: list[socket.socket] = []
+    lock = threading.Lock()
+    go = threading.Event()
+
+    def connect_many() -> None:
+        go.wait()
+        for _ in range(40):
+            client = socket.create_connection(address, timeout=10)
+            client.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            with lock:
+                clients.append(client)
+
+    threads = [threading.Thread(target=connect_many) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    go.set()
+    time.sleep(0.01)
+    responder.stop()
+    for thread in threads:
+        thread.join()
+    # The next owner answers what is queued.
+    sock.setblocking(False)
+    with sock:
+        while True:
+            try:
+                accepted, _peer = sock.accept()
+            except BlockingIOError:
+                break
+            with accepted:
+                accepted.setblocking(True)
+                accepted.recv(1000)
+                accepted.sendall(b"next")
+    answers = []
+    for client in clients:
+        with client:
+            answer = b""
+            while piece := client.recv(65536):
+                answer += piece
+            answers.append(answer)
+    assert len(answers) == 320
+    by_responder = [a for a in answers if a.startswith(b"HTTP/1.1 200 OK\r\n")]
+    by_next = [a for a in answers if a == b"next"]
+    assert len(by_responder) + len(by_next) == 320, {a[:30] for a in answers}
+
+
+def test_stopping_with_connections_open_logs_no_error(caplog: pytest.LogCaptureFixture) -> None:
+    """asyncio 3.11 logs a stream server's cancelled task as an error with a traceback: one
+    for every connection open at the handover (found by review, helper-45)."""
+    with (
+        caplog.at_level(logging.WARNING),
+        responding() as (sock, responder, _base_url),
+        socket.create_connection(sock.getsockname(), timeout=10) as idle,
+        socket.create_connection(sock.getsockname(), timeout=10) as partial,
+    ):
+        partial.sendall(b"GET /healthz HTTP/1.1\r\n")
+        time.sleep(0.3)
+        began = time.monotonic()
+        responder.stop()
+        assert time.monotonic() - began < starting.FINISH_SECONDS + 2
+        assert idle.recv(100) == b""
+        assert partial.recv(100) == b""
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_connections_over_the_bound_wait_in_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each connection taken is an open file: a client holding a thousand open made `serve`
+    run out of them, and fail to connect to its database (found by review, helper-45). At
+    the bound it stops accepting: the next connection waits in the queue, not refused."""
+    monkeypatch.setattr(starting, "MAX_CONVERSATIONS", 4)
+    with responding() as (sock, _responder, _base_url):
+        address = sock.getsockname()
+        held = [socket.create_connection(address, timeout=10) for _ in range(4)]
+        with socket.create_connection(address, timeout=10) as over:
+            over.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+            over.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                over.recv(100)  # not accepted while four wait for their answer
+            held.pop().close()  # one goes: room for the next
+            over.settimeout(10)
+            assert over.recv(100).startswith(b"HTTP/1.1 200 OK\r\n")
+        for client in held:
+            client.close()
+
+
+def test_sockets_for_each_address_of_the_host() -> None:
+    """As asyncio (uvicorn's one worker) bound: an empty host is every address of both
+    families, `::` alone takes IPv4 too (where the system lets it)."""
+    if not socket.has_ipv6 or not Path("/proc/net/if_inet6").exists():
+        pytest.skip("no IPv6 here")
+    everywhere = starting.listening_sockets("", 0)
+    try:
+        families = sorted(sock.family for sock in everywhere)
+        assert families == [socket.AF_INET, socket.AF_INET6]
+        (ipv6,) = (sock for sock in everywhere if sock.family == socket.AF_INET6)
+        assert ipv6.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+    finally:
+        for sock in everywhere:
+            sock.close()
+    (alone,) = starting.listening_sockets("::", 0)
+    with alone:
+        default = int(Path("/proc/sys/net/ipv6/bindv6only").read_text())
+        assert alone.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == default
+
+
 def test_a_port_in_use_is_one_error_line_before_the_database_is_touched(
     tmp_path: Path,
 ) -> None:
@@ -134,7 +247,7 @@ def test_a_port_in_use_is_one_error_line_before_the_database_is_touched(
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(OSError, match="in use") as raised:
-            starting.listening_socket("127.0.0.1", port)
+            starting.listening_sockets("127.0.0.1", port)
         assert raised.value.errno == errno.EADDRINUSE
         data_dir = tmp_path / "data"
         result = run_cli(
@@ -142,7 +255,7 @@ def test_a_port_in_use_is_one_error_line_before_the_database_is_touched(
         )
     assert result.returncode == 1
     assert result.stderr == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
-    assert not (data_dir / DB_FILE).exists()
+    assert not data_dir.exists()  # no data dir, key or database made
 
 
 def test_serve_answers_while_it_waits_for_its_database_then_serves(tmp_path: Path) -> None:
@@ -152,11 +265,22 @@ def test_serve_answers_while_it_waits_for_its_database_then_serves(tmp_path: Pat
     with PostgresService() as late:
         url = late.create_database()
         late.stop()
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         server = launch(
-            tmp_path / "data", "starting", "--workers", "2", env={"KOOLBASE_OTA_DATABASE_URL": url}
+            tmp_path / "data",
+            "starting",
+            "--workers",
+            "2",
+            env={"KOOLBASE_OTA_DATABASE_URL": url},
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
         )
         try:
             eventually(lambda: "trying again" in server.log(), "the first failure", within=30)
+            # Its connections count against the open-file limit from the start: raised first.
+            limits = Path(f"/proc/{server.process.pid}/limits").read_text()
+            (line,) = (row for row in limits.splitlines() if row.startswith("Max open files"))
+            wanted = hard if hard != resource.RLIM_INFINITY else 65536
+            assert line.split()[3] == str(wanted), line
             alive = httpx.get(server.base_url + "/healthz", timeout=10)
             ready = httpx.get(server.base_url + "/readyz", timeout=10)
             check = httpx.get(

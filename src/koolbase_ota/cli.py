@@ -220,7 +220,7 @@ def _set_in_environment(name: str) -> bool:
 
 
 #: Addresses that mean "every address of this machine" when served on, and the loopback
-#: address that answers there: uvicorn's one worker binds `::` as IPv6 only.
+#: address that answers there (`::` takes IPv4 too only where the system allows it).
 _WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 
 
@@ -247,6 +247,20 @@ def _served_public_url(args: argparse.Namespace, settings: Settings) -> Settings
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    # First, so that connections taken while the database gets ready count against it too.
+    _raise_open_file_limit()
+    try:
+        sockets = starting.listening_sockets(args.host, args.port)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    try:
+        _serve_on(args, sockets)
+    finally:
+        for sock in sockets:
+            sock.close()  # the workers' copies are theirs; this process has served
+
+
+def _serve_on(args: argparse.Namespace, sockets: list[socket.socket]) -> None:
     settings = _served_public_url(args, _settings())
     if settings.s3_endpoint and not settings.storage_url.startswith("s3://"):
         # A deployment that set up its bucket but not the storage URL would otherwise keep
@@ -257,28 +271,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
             "store them in S3)",
             settings.storage_url,
         )
-    try:
-        sock = starting.listening_socket(args.host, args.port)
-    except OSError as exc:
-        raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
-    # Until the workers take the socket, health probes and clients get answers (503 but for
+    # Until the workers take the sockets, health probes and clients get answers (503 but for
     # /healthz), not refused connections, however long the database takes.
-    responder = starting.Responder(sock)
+    responder = starting.Responder(sockets)
     responder.start()
     try:
         _make_ready(settings)
-    except BaseException:
+    finally:
         responder.stop()
-        sock.close()
-        raise
-    responder.stop()
     if args.workers > 1:
         # Each worker counts in files here; /metrics on any worker adds them all up.
         metrics_dir = settings.data_dir / "metrics"
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir(mode=0o700)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    _raise_open_file_limit()
     logger.info(
         "serving on http://%s:%s with %d worker(s) (data in %s)",
         args.host,
@@ -287,10 +293,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
         settings.data_dir,
     )
     if settings.server_interface == "uvicorn":
-        _serve_uvicorn(args, settings, sock)
+        _serve_uvicorn(args, settings, sockets)
     else:
         # granian binds the address itself: it is free again a moment before it does.
-        sock.close()
+        for sock in sockets:
+            sock.close()
         _serve_granian(args, settings)
 
 
@@ -334,12 +341,14 @@ def _raise_open_file_limit() -> None:
             logger.warning("could not raise the open file limit from %d", soft)
 
 
-def _serve_uvicorn(args: argparse.Namespace, settings: Settings, sock: socket.socket) -> None:
-    """uvicorn with our protocol (`koolbase_ota.httpserver`), on the socket `serve` listens
+def _serve_uvicorn(
+    args: argparse.Namespace, settings: Settings, sockets: list[socket.socket]
+) -> None:
+    """uvicorn with our protocol (`koolbase_ota.httpserver`), on the sockets `serve` listens
     on: warm checks answered inside the HTTP parser's callbacks, files sent with sendfile(2).
 
-    What `uvicorn.run` does, given a socket: its workers (`--workers N`) or its one server
-    take the socket listened on since the start, with the connections queued on it.
+    What `uvicorn.run` does, given sockets: its workers (`--workers N`) or its one server
+    take the sockets listened on since the start, with the connections queued on them.
     """
     import uvicorn
     from uvicorn.config import STARTUP_FAILURE
@@ -362,9 +371,9 @@ def _serve_uvicorn(args: argparse.Namespace, settings: Settings, sock: socket.so
     server = uvicorn.Server(config)
     with contextlib.suppress(KeyboardInterrupt):
         if config.workers > 1:
-            Multiprocess(config, sockets=[sock]).run()
+            Multiprocess(config, sockets=sockets).run()
         else:
-            server.run(sockets=[sock])
+            server.run(sockets=sockets)
     if config.workers == 1 and not server.started:
         sys.exit(STARTUP_FAILURE)
 

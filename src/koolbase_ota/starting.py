@@ -3,14 +3,14 @@
 `serve` gets the database ready before its workers start: it migrates it, and on PostgreSQL
 waits for up to `KOOLBASE_OTA_DATABASE_START_WAIT_SECONDS` for it to accept connections. It did
 not listen meanwhile, so a Kubernetes liveness probe failed and had it killed while it waited,
-and clients and load balancers saw connections refused. Now `serve` binds its address first
-(`listening_socket`: a port in use is one error line before the database is touched), and
-`Responder` answers on it from a thread of its own: `/healthz` 200 (the process is alive),
+and clients and load balancers saw connections refused. Now `serve` binds its addresses first
+(`listening_sockets`: a port in use is one error line before anything is written), and
+`Responder` answers on them from a thread of its own: `/healthz` 200 (the process is alive),
 `/readyz` 503 (not ready), anything else 503 with the code `starting` and a `Retry-After`
 (the SDKs take any answer but 200 as "no update"), each on a connection it then closes. When
-the database is ready, the responder stops taking connections and the workers are given the
-same socket: connections waiting in its queue are answered by them, not refused.
-"""
+the database is ready, the responder stops accepting, answers what it accepted, and the
+workers are given the same sockets: connections waiting in their queues are answered by
+them, not refused."""
 
 from __future__ import annotations
 
@@ -19,18 +19,25 @@ import contextlib
 import json
 import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from koolbase_ota.security import check_headers
 
-#: Connections the kernel queues for the listening socket (uvicorn's default).
+#: Connections the kernel queues for each listening socket (uvicorn's default).
 BACKLOG = 2048
+#: Connections waiting for their answer at once; at the bound the responder stops accepting
+#: until one is answered, and the others wait in the queue. Every connection is an open
+#: file, and the database's own connections need some too: a client holding a thousand open
+#: made `serve` run out of files and give up on its database (found by review).
+MAX_CONVERSATIONS = 256
 #: A request head must arrive within this long, and fit in this many bytes.
 HEAD_TIMEOUT_SECONDS = 5.0
 MAX_HEAD_BYTES = 16 * 1024
 #: What a client is told to wait before it tries again.
 RETRY_AFTER_SECONDS = 5
-#: How long answers under way may take to finish once the responder stops.
+#: How long after a failed accept (out of files) the responder accepts again.
+ACCEPT_RETRY_SECONDS = 0.1
+#: How long connections taken may go on once the responder stops (to be read and answered).
 FINISH_SECONDS = 2.0
 #: After an answer, what the client still sends (a body not read) is read and dropped for at
 #: most this long and this many bytes before the connection is closed: closing with unread
@@ -39,25 +46,33 @@ LINGER_SECONDS = 1.0
 LINGER_BYTES = 1024 * 1024
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to `host:port` and listening, which worker processes can inherit.
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """TCP sockets bound to `host:port` and listening, which worker processes can inherit.
 
-    As uvicorn binds for several workers: IPv6 when the host has a colon (`::` then takes
-    IPv4 too where the system allows), else IPv4; `SO_REUSEADDR`, so a restart does not wait
-    for the last run's connections to time out. Raises OSError (a port in use, a name that
-    does not resolve).
+    One for each address the host resolves to, as asyncio (and so uvicorn's one worker)
+    binds: `localhost` is 127.0.0.1 and ::1, an empty host every address of both families.
+    An IPv6 socket beside an IPv4 one takes IPv6 only; alone (`::`), it takes IPv4 too where
+    the system allows. `SO_REUSEADDR`, so a restart does not wait for the last run's
+    connections to time out. Raises OSError (a port in use, a name that does not resolve).
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    addresses = list(dict.fromkeys((family, address) for family, _, _, _, address in found))
+    sockets: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(BACKLOG)
+        for family, address in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and len(addresses) > 1:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+            sock.set_inheritable(True)
     except BaseException:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         raise
-    sock.set_inheritable(True)
-    return sock
+    return sockets
 
 
 def _answer(status: int, reason: str, body: Mapping[str, object], *, head_only: bool) -> bytes:
@@ -98,43 +113,53 @@ def answer_for(head: bytes) -> bytes:
     return _answer(503, "Service Unavailable", starting, head_only=head_only)
 
 
-async def _converse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Read one request head, answer it, and close the connection."""
+async def _answer_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Read one request head and answer it."""
     try:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_SECONDS)
-        except asyncio.LimitOverrunError:
-            too_large = {
-                "error": f"request headers too large (at most {MAX_HEAD_BYTES} bytes)",
-                "code": "headers_too_large",
-            }
-            answer = _answer(431, "Request Header Fields Too Large", too_large, head_only=False)
-        else:
-            answer = answer_for(head[:-4])
-        writer.write(answer)
-        await asyncio.wait_for(writer.drain(), HEAD_TIMEOUT_SECONDS)
-        if writer.can_write_eof():
-            writer.write_eof()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(LINGER_SECONDS):
-                dropped = 0
-                while dropped < LINGER_BYTES and (piece := await reader.read(64 * 1024)):
-                    dropped += len(piece)
-    except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-        pass  # a client that sent nothing whole in time, or went away: nothing to answer
-    finally:
-        writer.close()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_SECONDS)
+    except asyncio.LimitOverrunError:
+        too_large = {
+            "error": f"request headers too large (at most {MAX_HEAD_BYTES} bytes)",
+            "code": "headers_too_large",
+        }
+        answer = _answer(431, "Request Header Fields Too Large", too_large, head_only=False)
+    else:
+        answer = answer_for(head[:-4])
+    writer.write(answer)
+    await asyncio.wait_for(writer.drain(), HEAD_TIMEOUT_SECONDS)
+    if writer.can_write_eof():
+        writer.write_eof()
+
+
+async def _linger(reader: asyncio.StreamReader) -> None:
+    """Read and drop what the client still sends, for a while, before the connection closes."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(LINGER_SECONDS):
+            dropped = 0
+            while dropped < LINGER_BYTES and (piece := await reader.read(64 * 1024)):
+                dropped += len(piece)
+
+
+def _closing_if_cancelled(connection: socket.socket) -> Callable[[asyncio.Task[None]], None]:
+    """A task cancelled before it ran never closed its connection: this closes it."""
+
+    def close(task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            connection.close()
+
+    return close
 
 
 class Responder:
-    """Answers on a listening socket from a thread of its own, from `start` until `stop`.
+    """Answers on listening sockets from a thread of its own, from `start` until `stop`.
 
-    It accepts on a duplicate of the socket, so that stopping closes the duplicate only: the
-    socket itself stays open and listening for whoever serves next.
+    It accepts while fewer than `MAX_CONVERSATIONS` connections wait for their answer; the
+    others wait in the sockets' queues. Stopping leaves the sockets open and listening, with
+    the connections not accepted yet queued on them, for whoever serves next.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
+    def __init__(self, sockets: list[socket.socket]) -> None:
+        self._sockets = sockets
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._started = threading.Event()
@@ -145,7 +170,7 @@ class Responder:
         self._started.wait()
 
     def stop(self) -> None:
-        """Stop taking connections; answers under way get `FINISH_SECONDS` to finish."""
+        """Stop accepting; connections accepted get `FINISH_SECONDS` to be answered."""
         loop, stopping = self._loop, self._stopping
         if loop is not None and stopping is not None and self._thread.is_alive():
             with contextlib.suppress(RuntimeError):  # its loop ended already
@@ -159,30 +184,93 @@ class Responder:
             self._started.set()  # also when it could not start: `start` must not hang
 
     async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         stopping = self._stopping = asyncio.Event()
         conversations: set[asyncio.Task[None]] = set()
+        free = MAX_CONVERSATIONS
+        accepting = stopped = False
 
-        async def converse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            conversations.add(task)
+        # Accepting is synchronous, from the sockets' readiness: an accepted connection is a
+        # task at once (a coroutine awaiting `sock_accept` lost the connection it had just
+        # accepted when it was cancelled, and the socket stayed open).
+        def resume() -> None:
+            nonlocal accepting
+            if not accepting and not stopped and free > 0:
+                accepting = True
+                for sock in self._sockets:
+                    loop.add_reader(sock.fileno(), take, sock)
+
+        def pause() -> None:
+            nonlocal accepting
+            if accepting:
+                accepting = False
+                for sock in self._sockets:
+                    loop.remove_reader(sock.fileno())
+
+        def take(listener: socket.socket) -> None:
+            nonlocal free
+            while free > 0:
+                try:
+                    connection, _peer = listener.accept()
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    return
+                except OSError:
+                    # Out of files: the queue waits (as asyncio's own servers retry, sooner).
+                    pause()
+                    loop.call_later(ACCEPT_RETRY_SECONDS, resume)
+                    return
+                free -= 1
+                task = loop.create_task(converse(connection))
+                conversations.add(task)
+                task.add_done_callback(conversations.discard)
+                task.add_done_callback(_closing_if_cancelled(connection))
+            pause()  # the bound: the rest wait in the queues
+
+        def release() -> None:
+            nonlocal free
+            free += 1
+            resume()
+
+        async def converse(connection: socket.socket) -> None:
+            """Answer one request and close the connection. Only connections not answered
+            yet take room: an answered one is closed within `LINGER_SECONDS`."""
+            answered = False
+            writer: asyncio.StreamWriter | None = None
             try:
-                await _converse(reader, writer)
+                reader, writer = await asyncio.open_connection(
+                    sock=connection, limit=MAX_HEAD_BYTES
+                )
+                await _answer_one(reader, writer)
+                answered = True
+                release()
+                await _linger(reader)
+            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                pass  # a client that sent nothing whole in time, or went away
+            except asyncio.CancelledError:
+                pass  # the responder stopped; its loop ends with this connection
             finally:
-                conversations.discard(task)
+                if not answered:
+                    release()
+                if writer is None:
+                    connection.close()
+                elif answered:
+                    writer.close()  # its answer sent: closed once it is out
+                else:
+                    writer.transport.abort()  # nothing to wait for
 
-        server = await asyncio.start_server(
-            converse, sock=self._sock.dup(), limit=MAX_HEAD_BYTES, backlog=BACKLOG
-        )
+        for sock in self._sockets:
+            sock.setblocking(False)
+        resume()
         self._started.set()
         try:
             await stopping.wait()
         finally:
-            server.close()  # no more accepts; closes the duplicate, not the socket
+            stopped = True
+            pause()
             if conversations:
                 await asyncio.wait(set(conversations), timeout=FINISH_SECONDS)
-            for task in list(conversations):
+            for task in set(conversations):
                 task.cancel()
             if conversations:
                 await asyncio.wait(set(conversations))
+            await asyncio.sleep(0)  # the transports closed above let go of their sockets
