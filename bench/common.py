@@ -377,8 +377,9 @@ def ota_server(
             [*args, "--workers", str(workers)], log=log, env=env, own_session=own_session
         )
         try:
+            # Not /healthz: it answers 200 from serve's first moment, before any worker runs.
             wait_until(
-                lambda: http_ok(base_url + "/healthz"), process=process, log=log, timeout=timeout
+                lambda: http_ok(base_url + "/readyz"), process=process, log=log, timeout=timeout
             )
             yield OtaServer(process, base_url, env, data_dir, log)
         finally:
