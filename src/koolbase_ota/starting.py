@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import socket
 import threading
@@ -25,16 +26,20 @@ from koolbase_ota.security import check_headers
 
 #: Connections the kernel queues for each listening socket (uvicorn's default).
 BACKLOG = 2048
-#: Connections waiting for their answer at once; at the bound the responder stops accepting
-#: until one is answered, and the others wait in the queue. Every connection is an open
-#: file, and the database's own connections need some too: a client holding a thousand open
-#: made `serve` run out of files and give up on its database (found by review).
+#: Connections the responder holds at once (a quarter of the open-file limit where that is
+#: less); at the bound it stops accepting until one is closed, and the others wait in the
+#: queue. Every connection is an open file, and the database's own connections need some
+#: too: a client holding a thousand open made `serve` run out of files and give up on its
+#: database (found by review).
 MAX_CONVERSATIONS = 256
 #: A request head must arrive within this long, and fit in this many bytes.
 HEAD_TIMEOUT_SECONDS = 5.0
 MAX_HEAD_BYTES = 16 * 1024
 #: What a client is told to wait before it tries again.
 RETRY_AFTER_SECONDS = 5
+#: While the responder answers, a connection is accepted once it has sent something, or has
+#: been open this long.
+DEFER_ACCEPT_SECONDS = 30
 #: How long after a failed accept (out of files) the responder accepts again.
 ACCEPT_RETRY_SECONDS = 0.1
 #: How long connections taken may go on once the responder stops (to be read and answered).
@@ -50,29 +55,67 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
     """TCP sockets bound to `host:port` and listening, which worker processes can inherit.
 
     One for each address the host resolves to, as asyncio (and so uvicorn's one worker)
-    binds: `localhost` is 127.0.0.1 and ::1, an empty host every address of both families.
-    An IPv6 socket beside an IPv4 one takes IPv6 only; alone (`::`), it takes IPv4 too where
-    the system allows. `SO_REUSEADDR`, so a restart does not wait for the last run's
-    connections to time out. Raises OSError (a port in use, a name that does not resolve).
+    binds: `localhost` is 127.0.0.1 and ::1, an empty host every address of both families;
+    of several, one of a family the system lacks (no IPv6) is left out. An IPv6 socket beside
+    an IPv4 one takes IPv6 only; alone (`::`), it takes IPv4 too where the system allows.
+    `SO_REUSEADDR`, so a restart does not wait for the last run's connections to time out.
+    Raises OSError (a port in use, a name that does not resolve).
     """
     found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     addresses = list(dict.fromkeys((family, address) for family, _, _, _, address in found))
     sockets: list[socket.socket] = []
+    missing: list[OSError] = []
     try:
         for family, address in addresses:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as exc:
+                if exc.errno != errno.EAFNOSUPPORT:
+                    raise
+                missing.append(exc)  # no IPv6 in this kernel
+                continue
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6 and len(addresses) > 1:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno != errno.EADDRNOTAVAIL or len(addresses) == 1:
+                    raise
+                missing.append(exc)  # IPv6 turned off: ::1 is nowhere
+                sockets.pop().close()
+                continue
             sock.listen(BACKLOG)
             sock.set_inheritable(True)
+        if not sockets:
+            raise missing[0]
     except BaseException:
         for sock in sockets:
             sock.close()
         raise
     return sockets
+
+
+def _defer_accept(sock: socket.socket, seconds: int) -> None:
+    """Linux's `TCP_DEFER_ACCEPT`: a connection is accepted once it has sent something (0:
+    at once, the default). Elsewhere nothing."""
+    if hasattr(socket, "TCP_DEFER_ACCEPT"):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, seconds)
+
+
+def _room() -> int:
+    """Connections the responder holds at most: `MAX_CONVERSATIONS`, or a quarter of the
+    open files this process may have where that is less."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return MAX_CONVERSATIONS
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONVERSATIONS
+    return max(4, min(MAX_CONVERSATIONS, soft // 4))
 
 
 def _answer(status: int, reason: str, body: Mapping[str, object], *, head_only: bool) -> bytes:
@@ -91,14 +134,15 @@ def _answer(status: int, reason: str, body: Mapping[str, object], *, head_only: 
     return b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head_only else payload)
 
 
-def answer_for(head: bytes) -> bytes:
-    """The whole answer to a request head (request line and headers, without the blank line)."""
-    request_line = head.split(b"\r\n", 1)[0]
+def answer_for(request_line: bytes) -> bytes:
+    """The whole answer to a request, by its request line."""
     parts = request_line.split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or not parts[1].startswith(b"/"):
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
         error = {"error": "malformed HTTP request", "code": "bad_request"}
         return _answer(400, "Bad Request", error, head_only=False)
     method, target = parts[0], parts[1]
+    if target.startswith((b"http://", b"https://")):  # absolute form: what a proxy sends
+        target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"
     path = target.split(b"?", 1)[0]
     head_only = method == b"HEAD"
     if path == b"/healthz":
@@ -113,18 +157,41 @@ def answer_for(head: bytes) -> bytes:
     return _answer(503, "Service Unavailable", starting, head_only=head_only)
 
 
+class _HeadTooLarge(Exception):
+    pass
+
+
+async def _request_line(reader: asyncio.StreamReader) -> bytes:
+    """The request line, once the whole head is read: lines ending in CRLF or a bare LF, up to
+    an empty one (empty lines before the request line are skipped, as RFC 9112 allows)."""
+    request_line: bytes | None = None
+    size = 0
+    while True:
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:
+            raise _HeadTooLarge from None
+        size += len(line)
+        if size > MAX_HEAD_BYTES:
+            raise _HeadTooLarge
+        line = line.removesuffix(b"\n").removesuffix(b"\r")
+        if request_line is None:
+            request_line = line or None
+        elif not line:
+            return request_line
+
+
 async def _answer_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Read one request head and answer it."""
     try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_SECONDS)
-    except asyncio.LimitOverrunError:
+        async with asyncio.timeout(HEAD_TIMEOUT_SECONDS):
+            answer = answer_for(await _request_line(reader))
+    except _HeadTooLarge:
         too_large = {
             "error": f"request headers too large (at most {MAX_HEAD_BYTES} bytes)",
             "code": "headers_too_large",
         }
         answer = _answer(431, "Request Header Fields Too Large", too_large, head_only=False)
-    else:
-        answer = answer_for(head[:-4])
     writer.write(answer)
     await asyncio.wait_for(writer.drain(), HEAD_TIMEOUT_SECONDS)
     if writer.can_write_eof():
@@ -187,7 +254,7 @@ class Responder:
         loop = self._loop = asyncio.get_running_loop()
         stopping = self._stopping = asyncio.Event()
         conversations: set[asyncio.Task[None]] = set()
-        free = MAX_CONVERSATIONS
+        free = _room()
         accepting = stopped = False
 
         # Accepting is synchronous, from the sockets' readiness: an accepted connection is a
@@ -232,8 +299,7 @@ class Responder:
             resume()
 
         async def converse(connection: socket.socket) -> None:
-            """Answer one request and close the connection. Only connections not answered
-            yet take room: an answered one is closed within `LINGER_SECONDS`."""
+            """Answer one request and close the connection (room is freed then)."""
             answered = False
             writer: asyncio.StreamWriter | None = None
             try:
@@ -242,15 +308,13 @@ class Responder:
                 )
                 await _answer_one(reader, writer)
                 answered = True
-                release()
                 await _linger(reader)
-            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-                pass  # a client that sent nothing whole in time, or went away
+            except (OSError, asyncio.IncompleteReadError):
+                pass  # a client that sent nothing whole in time, or went away (timeouts too)
             except asyncio.CancelledError:
                 pass  # the responder stopped; its loop ends with this connection
             finally:
-                if not answered:
-                    release()
+                release()
                 if writer is None:
                     connection.close()
                 elif answered:
@@ -260,6 +324,9 @@ class Responder:
 
         for sock in self._sockets:
             sock.setblocking(False)
+            # A connection opened ahead of its request (a client's pool) stays in the queue
+            # until it sends one, then goes to whoever serves by then; and takes no room.
+            _defer_accept(sock, DEFER_ACCEPT_SECONDS)
         resume()
         self._started.set()
         try:
@@ -267,6 +334,8 @@ class Responder:
         finally:
             stopped = True
             pause()
+            for sock in self._sockets:
+                _defer_accept(sock, 0)  # the workers accept as they always did
             if conversations:
                 await asyncio.wait(set(conversations), timeout=FINISH_SECONDS)
             for task in set(conversations):
