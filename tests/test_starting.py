@@ -160,11 +160,13 @@ def test_heads_of_every_form_are_answered() -> None:
     with responding() as (sock, _responder, _base_url):
         address = sock.getsockname()
         bare_lf = exchange(address, b"GET /healthz HTTP/1.1\nhost: x\n\n")
-        absolute = exchange(address, b"GET http://h:1/healthz?x=1 HTTP/1.1\r\nhost: h\r\n\r\n")
+        absolute = exchange(address, b"GET HTTP://h:1/healthz?x=1 HTTP/1.1\r\nhost: h\r\n\r\n")
+        query_only = exchange(address, b"GET http://h?a=/healthz HTTP/1.1\r\n\r\n")
         asterisk = exchange(address, b"OPTIONS * HTTP/1.1\r\nhost: h\r\n\r\n")
         leading = exchange(address, b"\r\nGET /readyz HTTP/1.1\r\n\r\n")
     assert bare_lf.startswith(b"HTTP/1.1 200 OK\r\n")
     assert absolute.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert query_only.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")  # its path is /
     assert asterisk.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
     assert b'"code":"starting"' in asterisk
     assert leading.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
@@ -284,23 +286,52 @@ def test_stopping_with_connections_open_logs_no_error(caplog: pytest.LogCaptureF
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
-def test_connections_over_the_bound_wait_in_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each connection taken is an open file: a client holding a thousand open made `serve`
-    run out of them, and fail to connect to its database (found by review, helper-45). At
-    the bound it stops accepting: the next connection waits in the queue, not refused."""
+def test_at_the_bound_the_oldest_unfinished_head_makes_room(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each connection held is an open file: a client holding a thousand open made `serve`
+    run out of them and fail to connect to its database (found by review, helper-45). At the
+    bound, the connection that has waited longest for the rest of its head is closed for the
+    next: a client sending heads a byte at a time kept a liveness probe in the queue for a
+    minute (helper-47)."""
     monkeypatch.setattr(starting, "MAX_CONVERSATIONS", 4)
+    with responding() as (sock, _responder, _base_url):
+        address = sock.getsockname()
+        held = []
+        for _ in range(4):
+            client = socket.create_connection(address, timeout=10)
+            client.sendall(b"GET /healthz HTTP/1.1\r\n")  # and never the rest
+            held.append(client)
+            time.sleep(0.1)
+        probe = exchange(address, b"GET /healthz HTTP/1.1\r\n\r\n")
+        assert probe.startswith(b"HTTP/1.1 200 OK\r\n")
+        oldest, *others = held
+        with contextlib.suppress(ConnectionResetError):
+            assert oldest.recv(100) == b""  # closed for the probe
+        for client in others:
+            client.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                client.recv(100)  # still waiting for their heads
+        for client in held:
+            client.close()
+
+
+def test_at_the_bound_with_every_place_answered_the_next_waits_in_the_queue(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(starting, "MAX_CONVERSATIONS", 4)
+    monkeypatch.setattr(starting, "LINGER_SECONDS", 3.0)
     with responding() as (sock, _responder, _base_url):
         address = sock.getsockname()
         held = [socket.create_connection(address, timeout=10) for _ in range(4)]
         for client in held:
-            client.sendall(b"GET /healthz HTTP/1.1\r\n")  # accepted: they sent something
-        time.sleep(0.3)
+            client.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")  # answered, never closed
+            assert client.recv(100).startswith(b"HTTP/1.1 200 OK\r\n")
         with socket.create_connection(address, timeout=10) as over:
             over.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
             over.settimeout(0.5)
             with pytest.raises(TimeoutError):
-                over.recv(100)  # not accepted while four are held
-            held.pop().close()  # one goes: room for the next
+                over.recv(100)  # queued, not refused, while four answered ones linger
             over.settimeout(10)
             assert over.recv(100).startswith(b"HTTP/1.1 200 OK\r\n")
         for client in held:

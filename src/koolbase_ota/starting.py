@@ -18,6 +18,8 @@ import asyncio
 import contextlib
 import errno
 import json
+import re
+import select
 import socket
 import threading
 from collections.abc import Callable, Mapping
@@ -39,7 +41,11 @@ MAX_HEAD_BYTES = 16 * 1024
 RETRY_AFTER_SECONDS = 5
 #: While the responder answers, a connection is accepted once it has sent something, or has
 #: been open this long.
-DEFER_ACCEPT_SECONDS = 30
+DEFER_ACCEPT_SECONDS = 300
+#: At the bound, a connection still reading its head after this long is closed for the next
+#: (looked at this often).
+EVICT_AFTER_SECONDS = 0.5
+ROOM_POLL_SECONDS = 0.1
 #: How long after a failed accept (out of files) the responder accepts again.
 ACCEPT_RETRY_SECONDS = 0.1
 #: How long connections taken may go on once the responder stops (to be read and answered).
@@ -141,8 +147,10 @@ def answer_for(request_line: bytes) -> bytes:
         error = {"error": "malformed HTTP request", "code": "bad_request"}
         return _answer(400, "Bad Request", error, head_only=False)
     method, target = parts[0], parts[1]
-    if target.startswith((b"http://", b"https://")):  # absolute form: what a proxy sends
-        target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"
+    if target[:8].lower().startswith((b"http://", b"https://")):  # a proxy's absolute form
+        after_host = re.search(rb"[/?#]", target[target.index(b"//") + 2 :])
+        rest = target[target.index(b"//") + 2 :][after_host.start() :] if after_host else b""
+        target = rest if rest.startswith(b"/") else b"/" + rest
     path = target.split(b"?", 1)[0]
     head_only = method == b"HEAD"
     if path == b"/healthz":
@@ -181,17 +189,20 @@ async def _request_line(reader: asyncio.StreamReader) -> bytes:
             return request_line
 
 
-async def _answer_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Read one request head and answer it."""
+async def _answer_to(reader: asyncio.StreamReader) -> bytes:
+    """The answer to the request head `reader` gives, once read whole."""
     try:
         async with asyncio.timeout(HEAD_TIMEOUT_SECONDS):
-            answer = answer_for(await _request_line(reader))
+            return answer_for(await _request_line(reader))
     except _HeadTooLarge:
         too_large = {
             "error": f"request headers too large (at most {MAX_HEAD_BYTES} bytes)",
             "code": "headers_too_large",
         }
-        answer = _answer(431, "Request Header Fields Too Large", too_large, head_only=False)
+        return _answer(431, "Request Header Fields Too Large", too_large, head_only=False)
+
+
+async def _send(writer: asyncio.StreamWriter, answer: bytes) -> None:
     writer.write(answer)
     await asyncio.wait_for(writer.drain(), HEAD_TIMEOUT_SECONDS)
     if writer.can_write_eof():
@@ -254,6 +265,9 @@ class Responder:
         loop = self._loop = asyncio.get_running_loop()
         stopping = self._stopping = asyncio.Event()
         conversations: set[asyncio.Task[None]] = set()
+        #: Those still reading their head, oldest first.
+        reading: dict[asyncio.Task[None], float] = {}
+        room_timer: asyncio.TimerHandle | None = None
         free = _room()
         accepting = stopped = False
 
@@ -291,7 +305,29 @@ class Responder:
                 conversations.add(task)
                 task.add_done_callback(conversations.discard)
                 task.add_done_callback(_closing_if_cancelled(connection))
-            pause()  # the bound: the rest wait in the queues
+            pause()  # the rest wait in the queues
+            if room_timer is None:
+                make_room()
+
+        def make_room() -> None:
+            """At the bound, looked at every `ROOM_POLL_SECONDS` while a connection still reads
+            its head: when another waits in a queue, the one that has waited longest for the
+            rest of its head, at least `EVICT_AFTER_SECONDS`, is closed for it. One client
+            sending heads a byte at a time held every place for 5 s each, and kept a liveness
+            probe in the queue for a minute (found by review, helper-47)."""
+            nonlocal room_timer
+            room_timer = None
+            if stopped or free > 0 or not reading:
+                return  # places come back as answered connections end
+            oldest, since = next(iter(reading.items()))
+            if (
+                loop.time() - since >= EVICT_AFTER_SECONDS
+                and select.select(self._sockets, [], [], 0)[0]
+            ):
+                del reading[oldest]
+                oldest.cancel()  # its place comes back as it ends, and the next is accepted
+                return
+            room_timer = loop.call_later(ROOM_POLL_SECONDS, make_room)
 
         def release() -> None:
             nonlocal free
@@ -300,13 +336,18 @@ class Responder:
 
         async def converse(connection: socket.socket) -> None:
             """Answer one request and close the connection (room is freed then)."""
+            this = asyncio.current_task()
+            assert this is not None
+            reading[this] = loop.time()
             answered = False
             writer: asyncio.StreamWriter | None = None
             try:
                 reader, writer = await asyncio.open_connection(
                     sock=connection, limit=MAX_HEAD_BYTES
                 )
-                await _answer_one(reader, writer)
+                answer = await _answer_to(reader)
+                reading.pop(this, None)
+                await _send(writer, answer)
                 answered = True
                 await _linger(reader)
             except (OSError, asyncio.IncompleteReadError):
@@ -314,6 +355,7 @@ class Responder:
             except asyncio.CancelledError:
                 pass  # the responder stopped; its loop ends with this connection
             finally:
+                reading.pop(this, None)
                 release()
                 if writer is None:
                     connection.close()
