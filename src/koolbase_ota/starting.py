@@ -320,6 +320,7 @@ class Responder:
             if stopped or free > 0 or not reading:
                 return  # places come back as answered connections end
             oldest, since = next(iter(reading.items()))
+            # (select() takes these: the listening sockets are among the first files opened.)
             if (
                 loop.time() - since >= EVICT_AFTER_SECONDS
                 and select.select(self._sockets, [], [], 0)[0]
@@ -353,7 +354,7 @@ class Responder:
             except (OSError, asyncio.IncompleteReadError):
                 pass  # a client that sent nothing whole in time, or went away (timeouts too)
             except asyncio.CancelledError:
-                pass  # the responder stopped; its loop ends with this connection
+                pass  # closed for a connection waiting, or the responder stopped
             finally:
                 reading.pop(this, None)
                 release()
