@@ -268,7 +268,7 @@ class Responder:
         #: Those still reading their head, oldest first.
         reading: dict[asyncio.Task[None], float] = {}
         room_timer: asyncio.TimerHandle | None = None
-        free = _room()
+        room = _room()  # connections held at most: `conversations` while they last
         accepting = stopped = False
 
         # Accepting is synchronous, from the sockets' readiness: an accepted connection is a
@@ -276,7 +276,7 @@ class Responder:
         # accepted when it was cancelled, and the socket stayed open).
         def resume() -> None:
             nonlocal accepting
-            if not accepting and not stopped and free > 0:
+            if not accepting and not stopped and len(conversations) < room:
                 accepting = True
                 for sock in self._sockets:
                     loop.add_reader(sock.fileno(), take, sock)
@@ -289,8 +289,7 @@ class Responder:
                     loop.remove_reader(sock.fileno())
 
         def take(listener: socket.socket) -> None:
-            nonlocal free
-            while free > 0:
+            while len(conversations) < room:
                 try:
                     connection, _peer = listener.accept()
                 except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -300,10 +299,9 @@ class Responder:
                     pause()
                     loop.call_later(ACCEPT_RETRY_SECONDS, resume)
                     return
-                free -= 1
                 task = loop.create_task(converse(connection))
                 conversations.add(task)
-                task.add_done_callback(conversations.discard)
+                task.add_done_callback(ended)
                 task.add_done_callback(_closing_if_cancelled(connection))
             pause()  # the rest wait in the queues
             if room_timer is None:
@@ -317,7 +315,7 @@ class Responder:
             probe in the queue for a minute (found by review, helper-47)."""
             nonlocal room_timer
             room_timer = None
-            if stopped or free > 0 or not reading:
+            if stopped or len(conversations) < room or not reading:
                 return  # places come back as answered connections end
             oldest, since = next(iter(reading.items()))
             # (select() takes these: the listening sockets are among the first files opened.)
@@ -330,13 +328,12 @@ class Responder:
                 return
             room_timer = loop.call_later(ROOM_POLL_SECONDS, make_room)
 
-        def release() -> None:
-            nonlocal free
-            free += 1
-            resume()
+        def ended(task: asyncio.Task[None]) -> None:
+            conversations.discard(task)
+            resume()  # its place is free
 
         async def converse(connection: socket.socket) -> None:
-            """Answer one request and close the connection (room is freed then)."""
+            """Answer one request and close the connection."""
             this = asyncio.current_task()
             assert this is not None
             reading[this] = loop.time()
@@ -357,7 +354,6 @@ class Responder:
                 pass  # closed for a connection waiting, or the responder stopped
             finally:
                 reading.pop(this, None)
-                release()
                 if writer is None:
                     connection.close()
                 elif answered:
