@@ -20,8 +20,15 @@ how many runs met the p99 target, for ours and for nginx: on a shared machine th
 to run by more than the difference between two servers. For the same reason each run of the two
 paths held to "as fast as the offered path" is preceded by a run of the offered path, and is
 compared with that run (it was compared with the median of the offered path's own runs, minutes
-earlier, and failed when the host slowed in between); with `--rounds N` the same rule is also
-applied to the medians of those runs and their bars.
+earlier, and failed when the host slowed in between); with `--rounds N` the rule is applied to
+the medians of those runs and their bars (one run beside another of the same path moves by a
+third here; each run's own comparison is printed).
+
+The exit code is 0 when the issue's targets are met: in the three cases it names (offered, no
+update, unknown key), every run at 0.6 of nginx or more, without errors and with p99 under 5 ms,
+and the two "as fast" rules. The three cases whose requests never repeat go beyond the issue:
+they are held to the same ratio, errors and p99, and a line at the end says how many of their
+runs met them, without deciding the exit code.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ import httpx
 
 TARGET_RATIO = 0.6
 TARGET_P99_MS = 5.0
+#: "At least as fast" as the offered path, within what two runs of one path differ by here.
+AS_FAST = 0.95
 
 
 @dataclass
@@ -57,6 +66,9 @@ class Case:
     #: Appended to the path, numbered from 0, until the answer offers a bundle: the bytes
     #: nginx serves are then the larger answer of a rollout's.
     sample_device: str = ""
+    #: One of the issue's three cases (its targets decide the exit code); False for the cases
+    #: whose requests never repeat, which go beyond it.
+    named: bool = True
 
 
 def publish(server: common.OtaServer) -> common.Project:
@@ -137,8 +149,8 @@ def measure(
     *,
     own_session: bool = True,
 ) -> int:
-    """Each case against nginx serving the same bytes, `rounds` times; 1 if any run of any
-    case misses a target."""
+    """Each case against nginx serving the same bytes, `rounds` times; 1 if the issue's
+    targets are not met (see the module's docstring)."""
     project = publish(server)
     key = project.public_keys["production"]
     cases = [
@@ -169,6 +181,7 @@ def measure(
             200,
             script=common.WRK_VARY_SCRIPT,
             as_fast_as_offered=False,
+            named=False,
         ),
         # The later SDKs' check, every request from another device (its `device_id`): no
         # answer of one is reused for the next, as in a fleet.
@@ -180,6 +193,7 @@ def measure(
             200,
             script=common.WRK_DEVICES_SCRIPT,
             as_fast_as_offered=False,
+            named=False,
         ),
         # The same during a staged rollout (50%): half the devices are offered the bundle.
         Case(
@@ -190,6 +204,7 @@ def measure(
             200,
             script=common.WRK_DEVICES_SCRIPT,
             as_fast_as_offered=False,
+            named=False,
             sample_device="&device_id=sample-",
         ),
     ]
@@ -212,6 +227,7 @@ def measure(
     print(f"varied: {common.wrk_command(seconds=seconds, script=common.WRK_VARY_SCRIPT)}")
     print(f"devices: {common.wrk_command(seconds=seconds, script=common.WRK_DEVICES_SCRIPT)}")
     failed = False
+    beyond_met = beyond_runs = 0  # runs of the cases beyond the issue, and those that met it
     # A short warm-up of ours first (imports, first allocations), as nginx needs none.
     common.run_wrk(server.base_url + cases[0].path, seconds=2, headers=cases[0].headers)
     with common.nginx_server(
@@ -262,16 +278,22 @@ def measure(
                 ratio = result.requests_per_second / reference.requests_per_second
                 p99 = result.latency_ms.get("99", float("inf"))
                 ok = ratio >= TARGET_RATIO and not errors and not wrong and p99 < TARGET_P99_MS
-                if case.as_fast_as_offered:
-                    ok = ok and result.requests_per_second >= 0.95 * offered_rps
-                    ours_rps.append(result.requests_per_second)
-                    bars.append(offered_rps)
-                failed = failed or not ok
+                if case.named:
+                    failed = failed or not ok
+                else:
+                    beyond_runs += 1
+                    beyond_met += ok
                 ours_p99.append(p99)
                 nginx_p99.append(reference.latency_ms.get("99", float("inf")))
                 ratios.append(ratio)
                 summary = result.summary(expect_non_2xx=case.status != 200)
-                print(f"{case.name:18} {summary} ratio {ratio:.2f} {common.verdict(ok)}")
+                against = ""
+                if case.as_fast_as_offered:
+                    ours_rps.append(result.requests_per_second)
+                    bars.append(offered_rps)
+                    against = f", {result.requests_per_second / offered_rps:.2f} of the bar"
+                line = f"{case.name:18} {summary} ratio {ratio:.2f} {common.verdict(ok)}"
+                print(line + against)
                 for line in stalls:
                     print(f"{'  stalls':18} {line}")
             if rounds > 1:
@@ -283,16 +305,22 @@ def measure(
                     f"{sum(p < TARGET_P99_MS for p in nginx_p99)} of {rounds} (median "
                     f"{statistics.median(nginx_p99):.2f} ms)"
                 )
-                if bars:
-                    # Over rounds, the same rule on the medians: one run beside another of the
-                    # same path moves by a third on a shared host, the medians much less.
-                    ours_median, bar_median = statistics.median(ours_rps), statistics.median(bars)
-                    print(
-                        f"{'  ' + case.name:18} against the offered runs before them, by "
-                        f"median: {ours_median:,.0f} against {bar_median:,.0f} req/s "
-                        f"({ours_median / bar_median:.2f}) "
-                        f"{common.verdict(ours_median >= 0.95 * bar_median)}"
-                    )
+            if bars:
+                # The rule on the medians (of one run each with one round): one run beside
+                # another of the same path moves by a third on a shared host, medians less.
+                ours_median, bar_median = statistics.median(ours_rps), statistics.median(bars)
+                as_fast = ours_median >= AS_FAST * bar_median
+                failed = failed or not as_fast
+                print(
+                    f"{'  ' + case.name:18} against the offered runs before them, by "
+                    f"median: {ours_median:,.0f} against {bar_median:,.0f} req/s "
+                    f"({ours_median / bar_median:.2f}) {common.verdict(as_fast)}"
+                )
+    print(
+        f"beyond the issue (requests that never repeat): {beyond_met} of {beyond_runs} runs "
+        f"at {TARGET_RATIO:g} of nginx or more, without errors, p99 under {TARGET_P99_MS:g} ms"
+    )
+    print(f"issue 4's targets for the check: {common.verdict(not failed)}")
     return 1 if failed else 0
 
 
