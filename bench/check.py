@@ -292,8 +292,7 @@ def measure(
                     ours_rps.append(result.requests_per_second)
                     bars.append(offered_rps)
                     against = f", {result.requests_per_second / offered_rps:.2f} of the bar"
-                line = f"{case.name:18} {summary} ratio {ratio:.2f} {common.verdict(ok)}"
-                print(line + against)
+                print(f"{case.name:18} {summary} ratio {ratio:.2f} {common.verdict(ok)}{against}")
                 for line in stalls:
                     print(f"{'  stalls':18} {line}")
             if rounds > 1:
