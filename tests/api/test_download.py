@@ -338,10 +338,10 @@ def test_downloads_sent_by_the_server_are_counted_in_metrics(tmp_path: Path) -> 
     """Sent in front of the framework, and counted in batches: /metrics still shows each one
     under the route, with its status, and in the latency histogram.
 
-    On a server process of its own: the metrics are the process's, and every server this test
-    process runs counts into them. A download another test's server counted late (its
-    batch is added when its cache's refresh loop next comes round, which a database made slow
-    on purpose delays) now and then arrived in the middle of this test and failed it."""
+    On a server process of its own, counted from zero: the metrics are the process's, and
+    every server this test process runs counts into them. A download another test's server
+    counted late (each adds its batch when its cache's refresh loop next comes round) now and
+    then arrived in the middle of this test and failed it."""
     with serving(tmp_path / "data", "download-metrics") as server:
         credentials = server.credentials()
         project = Project(
