@@ -148,8 +148,9 @@ def answer_for(request_line: bytes) -> bytes:
         return _answer(400, "Bad Request", error, head_only=False)
     method, target = parts[0], parts[1]
     if target[:8].lower().startswith((b"http://", b"https://")):  # a proxy's absolute form
-        after_host = re.search(rb"[/?#]", target[target.index(b"//") + 2 :])
-        rest = target[target.index(b"//") + 2 :][after_host.start() :] if after_host else b""
+        authority_on = target[target.index(b"//") + 2 :]
+        after_host = re.search(rb"[/?#]", authority_on)
+        rest = authority_on[after_host.start() :] if after_host else b""
         target = rest if rest.startswith(b"/") else b"/" + rest
     path = target.split(b"?", 1)[0]
     head_only = method == b"HEAD"
